@@ -1,0 +1,301 @@
+//! Wiring: bind the admin endpoint and every listener, run until a signal, reload on SIGHUP,
+//! drain on SIGTERM/SIGINT.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::config::{self, Config};
+use crate::listener::{self, BuildError, ListenerState};
+use crate::metrics::{Metrics, ReloadOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("failed to bind {what} on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// One bound listener and the state its accept loop reads.
+struct ListenerHandle {
+    name: String,
+    /// The configured address (a rebind is detected against it).
+    bind: SocketAddr,
+    /// The address actually bound (differs when the config says port 0).
+    local_addr: SocketAddr,
+    state: Arc<ArcSwap<ListenerState>>,
+    /// Stops this accept loop alone (on reload) or with everything (on drain).
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    config_path: PathBuf,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    listeners: Vec<ListenerHandle>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    admin_addr: SocketAddr,
+    admin_task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds the admin endpoint and every listener, and starts accepting.
+    pub async fn start(config: &Config) -> Result<Proxy, AppError> {
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::default());
+        let admin = TcpListener::bind(config.admin.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                what: "admin".into(),
+                addr: config.admin.bind,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().unwrap_or(config.admin.bind);
+        let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), readiness.clone()));
+
+        let mut proxy = Proxy {
+            config_path: config.path.clone(),
+            metrics,
+            readiness,
+            listeners: Vec::new(),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            admin_addr,
+            admin_task,
+        };
+        let mut sockets = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            sockets.push(Some(bind(&listener.name, listener.bind).await?));
+        }
+        let states = proxy.build_states(config, &sockets)?;
+        for (state, socket) in states.into_iter().zip(sockets) {
+            if let Some(socket) = socket {
+                proxy.spawn_listener(socket, state);
+            }
+        }
+        proxy.readiness.set_ready();
+        Ok(proxy)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Each listener's name and the address it is bound to.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|h| (h.name.clone(), h.local_addr))
+            .collect()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Builds the state of every listener. `sockets[i]` is listener `i`'s new socket, or `None`
+    /// when the running listener of that name and address is kept.
+    fn build_states(
+        &self,
+        config: &Config,
+        sockets: &[Option<TcpListener>],
+    ) -> Result<Vec<ListenerState>, AppError> {
+        config
+            .listeners
+            .iter()
+            .zip(sockets)
+            .map(|(l, socket)| {
+                let bound = match socket {
+                    Some(socket) => socket.local_addr().ok(),
+                    None => self.running(&l.name, l.bind).map(|h| h.local_addr),
+                };
+                let port = bound.map_or(l.bind.port(), |a| a.port());
+                ListenerState::build(l, port, &self.metrics).map_err(AppError::from)
+            })
+            .collect()
+    }
+
+    /// The running listener with this name bound to this configured address.
+    fn running(&self, name: &str, bind: SocketAddr) -> Option<&ListenerHandle> {
+        self.listeners
+            .iter()
+            .find(|h| h.name == name && h.bind == bind)
+    }
+
+    fn spawn_listener(&mut self, socket: TcpListener, state: ListenerState) {
+        let local_addr = socket.local_addr().unwrap_or(state.bind);
+        let stop = self.shutdown.child_token();
+        let name = state.name.clone();
+        let bind = state.bind;
+        let state = Arc::new(ArcSwap::from_pointee(state));
+        let task = tokio::spawn(listener::accept_loop(
+            socket,
+            state.clone(),
+            stop.clone(),
+            self.connections.clone(),
+        ));
+        info!(listener = %name, bind = %local_addr, "listening");
+        self.listeners.push(ListenerHandle {
+            name,
+            bind,
+            local_addr,
+            state,
+            stop,
+            task,
+        });
+    }
+
+    /// Applies a new config to new connections. Every new socket is bound and every listener
+    /// state built before anything changes, so a failure leaves the running config whole.
+    pub async fn reload(&mut self, config: &Config) -> Result<(), AppError> {
+        let mut sockets = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            sockets.push(match self.running(&l.name, l.bind) {
+                Some(_) => None,
+                None => Some(bind(&l.name, l.bind).await?),
+            });
+        }
+        let states = self.build_states(config, &sockets)?;
+        let wanted: Vec<(String, SocketAddr)> =
+            states.iter().map(|s| (s.name.clone(), s.bind)).collect();
+        // Stop listeners that are gone or rebound; their open connections finish on their own.
+        self.listeners.retain(|h| {
+            let keep = wanted.iter().any(|(n, b)| *n == h.name && *b == h.bind);
+            if !keep {
+                h.stop.cancel();
+            }
+            keep
+        });
+        for (state, socket) in states.into_iter().zip(sockets) {
+            match socket {
+                Some(socket) => self.spawn_listener(socket, state),
+                None => {
+                    if let Some(h) = self.listeners.iter().find(|h| h.name == state.name) {
+                        h.state.store(Arc::new(state));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs one line of counters per listener.
+    pub fn log_counters(&self) {
+        for h in &self.listeners {
+            let counters = h.state.load().metrics.snapshot();
+            info!(listener = %h.name, counters = %counters, "counters");
+        }
+    }
+
+    /// Stops accepting, turns `/readyz` to 503, lets in-flight work finish up to the longest
+    /// `drain_timeout`. Returns whether everything finished in time.
+    pub async fn drain(self) -> bool {
+        self.readiness.set_draining();
+        let timeout = self
+            .listeners
+            .iter()
+            .map(|h| h.state.load().settings.drain_timeout)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        self.shutdown.cancel();
+        for h in self.listeners {
+            let _ = h.task.await;
+        }
+        self.connections.close();
+        let finished = tokio::time::timeout(timeout, self.connections.wait())
+            .await
+            .is_ok();
+        self.admin_task.abort();
+        finished
+    }
+
+    /// Reloads from the config file, counting and logging the outcome.
+    async fn reload_from_file(&mut self) {
+        let outcome = match config::load(&self.config_path) {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    warn!(warning = %warning, "config warning");
+                }
+                self.reload(&config).await.map_err(|e| vec![e.to_string()])
+            }
+            Err(errors) => Err(errors.0.iter().map(ToString::to_string).collect()),
+        };
+        match outcome {
+            Ok(()) => {
+                self.metrics.reload(ReloadOutcome::Ok);
+                info!("config reloaded");
+            }
+            Err(reasons) => {
+                self.metrics.reload(ReloadOutcome::Rejected);
+                for reason in reasons {
+                    error!(error = %reason, "config reload refused; the running config stays");
+                }
+            }
+        }
+    }
+}
+
+async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: format!("listener {name}"),
+            addr,
+            source,
+        })
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+
+    let mut proxy = Proxy::start(&config).await?;
+    info!(admin = %proxy.admin_addr(), "admin endpoint listening");
+    for warning in &config.warnings {
+        warn!(warning = %warning, "config warning");
+    }
+    info!(listeners = proxy.listeners.len(), "ciphergate ready");
+
+    let every = config.log.counters_every;
+    let mut ticker = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => proxy.reload_from_file().await,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = ticker.tick(), if every.is_some() => proxy.log_counters(),
+        }
+    }
+    info!("draining");
+    let finished = proxy.drain().await;
+    if finished {
+        info!("drained; exiting");
+    } else {
+        warn!("drain_timeout reached; closing the remaining connections");
+    }
+    Ok(())
+}

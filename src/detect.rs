@@ -1,0 +1,58 @@
+//! Telling TLS from plaintext by the first bytes, without consuming them.
+//!
+//! A TLS connection starts with a handshake record: content type 22 (0x16). No plaintext
+//! protocol ciphergate carries starts with that byte (HTTP starts with a method's letters), so
+//! one peeked byte decides where the connection goes. Bytes that look like TLS but are not end
+//! in a failed handshake; nothing else is ever forwarded for them.
+
+use std::io;
+
+use tokio::net::TcpStream;
+
+/// The TLS record content type of a handshake message.
+const HANDSHAKE_RECORD: u8 = 0x16;
+/// The handshake message type of a ClientHello.
+const CLIENT_HELLO: u8 = 0x01;
+
+/// What the first bytes of a connection say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    Tls,
+    Plaintext,
+    /// The peer closed before sending anything.
+    Closed,
+}
+
+/// Waits for the first byte and classifies the connection. Consumes nothing.
+pub async fn detect(stream: &TcpStream) -> io::Result<Detected> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    Ok(match n {
+        0 => Detected::Closed,
+        _ if first[0] == HANDSHAKE_RECORD => Detected::Tls,
+        _ => Detected::Plaintext,
+    })
+}
+
+/// Whether `bytes` start a TLS ClientHello record: handshake content type, a 3.x record
+/// version, and (when present) the ClientHello message type.
+pub fn is_client_hello(bytes: &[u8]) -> bool {
+    match bytes {
+        [HANDSHAKE_RECORD, 0x03, minor, _, _, msg, ..] => *minor <= 0x04 && *msg == CLIENT_HELLO,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_hello_prefixes() {
+        assert!(is_client_hello(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]));
+        assert!(!is_client_hello(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_client_hello(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x02]));
+        assert!(!is_client_hello(&[0x16, 0x03]));
+        assert!(!is_client_hello(&[0x17, 0x03, 0x03, 0x00, 0x10, 0x01]));
+    }
+}

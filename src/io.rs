@@ -1,0 +1,130 @@
+//! The client socket wrapper: counts bytes into `ciphergate_bytes_total` and keeps the clock an
+//! idle timeout is measured against.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use crate::metrics::SharedCounter;
+
+/// When a connection last moved a byte, in milliseconds since it was accepted.
+pub struct IdleClock {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl IdleClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(IdleClock {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `idle`.
+    pub async fn expired(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A client stream that counts what passes and touches its [`IdleClock`].
+pub struct Metered<T> {
+    inner: T,
+    bytes_in: SharedCounter,
+    bytes_out: SharedCounter,
+    clock: Arc<IdleClock>,
+}
+
+impl<T> Metered<T> {
+    pub fn new(inner: T, counters: (SharedCounter, SharedCounter), clock: Arc<IdleClock>) -> Self {
+        Metered {
+            inner,
+            bytes_in: counters.0,
+            bytes_out: counters.1,
+            clock,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes_in.inc_by(n as u64);
+            self.clock.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll
+            && n > 0
+        {
+            self.bytes_out.inc_by(n as u64);
+            self.clock.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll
+            && n > 0
+        {
+            self.bytes_out.inc_by(n as u64);
+            self.clock.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

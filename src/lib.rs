@@ -1,0 +1,40 @@
+//! ciphergate: a sidecar proxy that makes encryption the default for every connection into and
+//! out of the application beside it.
+//!
+//! # How one connection flows
+//!
+//! 1. [`listener`] accepts it (or closes it at once when the listener is at `max_connections`)
+//!    and takes a snapshot of the listener's live state, so a reload never changes a
+//!    connection midway.
+//! 2. [`detect`] peeks at the first byte: a TLS handshake record, or plaintext.
+//! 3. TLS on a terminate listener: [`tls::server`] picks a certificate by SNI and runs the
+//!    handshake (client certificates verified when configured), all under `handshake_timeout`.
+//! 4. The [`policy`] engine decides, from the listener's ordered rules: per request on http
+//!    listeners ([`http`]), per connection on tcp listeners ([`relay`]). Allow forwards, upgrade
+//!    redirects to https (terminate) or re-originates TLS (originate), reject refuses.
+//! 5. [`upstream`] connects the other leg: plaintext only to a loopback upstream beside a
+//!    terminate listener or by a narrowed originate exception, verified TLS
+//!    ([`tls::client`]) everywhere else.
+//! 6. [`metrics`] counts every step under config names and fixed enumerations; nothing about
+//!    the peer is kept, logged ([`logging`]) or exported ([`admin`]).
+//!
+//! [`config`] turns files into a validated [`config::Config`], reporting every error with its
+//! key path; [`app`] binds everything, reloads on SIGHUP and drains on SIGTERM.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
+pub mod relay;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,317 @@
+//! The `ciphergate` command line. Exit codes: 0 success, 2 usage or config error, 1 runtime
+//! failure.
+
+#![forbid(unsafe_code)]
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use ciphergate::config::{self, Config};
+use ciphergate::policy::{self, Action, Facts, Mode, Transport};
+
+const DEFAULT_CONFIG: &str = "config/ciphergate.toml";
+
+/// A sidecar proxy that makes encryption the default for every connection.
+#[derive(Parser)]
+#[command(name = "ciphergate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(ConfigArg),
+    /// Validate the config and policy; exit 0, or 2 with every error on stderr.
+    Check(ConfigArg),
+    /// Print which rule a connection or request would match, and the action, without running.
+    Explain(ExplainArgs),
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// A self-contained demonstration on loopback; exits 0 when every step behaved.
+    Demo,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Config file (TOML, or YAML/JSON by extension). Default: $CIPHERGATE_CONFIG, then
+    /// config/ciphergate.toml.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| std::env::var_os("CIPHERGATE_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The listener the traffic arrives on.
+    #[arg(long, value_name = "NAME")]
+    listener: String,
+    /// The traffic is plaintext.
+    #[arg(long, conflicts_with = "tls")]
+    plaintext: bool,
+    /// The traffic is TLS (the default).
+    #[arg(long)]
+    tls: bool,
+    /// The client's address.
+    #[arg(long, value_name = "IP")]
+    source: Option<IpAddr>,
+    /// SNI for TLS, the Host name for plaintext http, the destination host on originate.
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// The request path (http listeners).
+    #[arg(long, value_name = "P")]
+    path: Option<String>,
+    /// The resolved upstream address (originate listeners).
+    #[arg(long, value_name = "IP")]
+    destination: Option<IpAddr>,
+    /// The client presented a certificate that verified.
+    #[arg(long)]
+    client_verified: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a development CA, a server certificate and a client certificate.
+    Init {
+        /// Where to write ca.crt/.key, server.crt/.key and client.crt/.key.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A DNS name or IP address for the server certificate (repeatable).
+        /// Default: localhost, 127.0.0.1, ::1.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Every config is built with this provider explicitly; installing it as the process default
+    // too means no dependency can ever pick another one.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match cli.command {
+        Command::Run(arg) => run(&arg),
+        Command::Check(arg) => check(&arg),
+        Command::Explain(args) => explain(&args),
+        Command::Certs(CertsCommand::Init { dir, names, force }) => certs_init(dir, names, force),
+        Command::Demo => demo(),
+    }
+}
+
+/// Loads a config, printing every error to stderr.
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    config::load(&arg.path()).map_err(|errors| {
+        for issue in &errors.0 {
+            eprintln!("error: {issue}");
+        }
+        eprintln!(
+            "{}: {} error{}",
+            arg.path().display(),
+            errors.0.len(),
+            if errors.0.len() == 1 { "" } else { "s" }
+        );
+        ExitCode::from(2)
+    })
+}
+
+fn check(arg: &ConfigArg) -> ExitCode {
+    let config = match load(arg) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let rules: usize = config.listeners.iter().map(|l| l.policy.rules.len()).sum();
+    println!(
+        "{}: ok ({} listener{}, {} rule application{})",
+        config.path.display(),
+        config.listeners.len(),
+        if config.listeners.len() == 1 { "" } else { "s" },
+        rules,
+        if rules == 1 { "" } else { "s" },
+    );
+    ExitCode::SUCCESS
+}
+
+fn explain(args: &ExplainArgs) -> ExitCode {
+    let config = match load(&args.config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(listener) = config.listeners.iter().find(|l| l.name == args.listener) else {
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        eprintln!(
+            "error: no listener is named `{}` (listeners: {})",
+            args.listener,
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let transport = if args.plaintext {
+        Transport::Plaintext
+    } else {
+        Transport::Tls
+    };
+    let server_name = args
+        .server_name
+        .as_deref()
+        .and_then(policy::host_name)
+        .map(|n| n.into_owned());
+    let path = args.path.as_deref().and_then(policy::normalize_path);
+    let facts = Facts {
+        transport,
+        source: args.source,
+        server_name: server_name.as_deref(),
+        path: path.as_deref(),
+        destination: args.destination,
+        client_verified: args.client_verified,
+    };
+    let decision = policy::decide(&listener.policy, &facts);
+    println!(
+        "listener: {} ({}, {})",
+        listener.name,
+        listener.mode.as_str(),
+        listener.protocol.as_str()
+    );
+    println!("transport: {}", transport.as_str());
+    println!("rule: {}", decision.rule_name(&listener.policy));
+    println!("action: {}", decision.label().as_str());
+    println!(
+        "effect: {}",
+        effect(listener, transport, decision.action, decision.audited)
+    );
+    ExitCode::SUCCESS
+}
+
+/// What the decision table says happens.
+fn effect(
+    listener: &config::ListenerConfig,
+    transport: Transport,
+    action: Action,
+    audited: bool,
+) -> String {
+    use config::Protocol::{Http, Tcp};
+    let audit = if audited {
+        " (audit mode: this would be rejected under enforce)"
+    } else {
+        ""
+    };
+    let text = match (listener.mode, listener.protocol, action, transport) {
+        (Mode::Terminate, Http, Action::Reject, Transport::Plaintext) => {
+            "426 Upgrade Required, Connection: close".into()
+        }
+        (Mode::Terminate, Http, Action::Reject, Transport::Tls) => "403 Forbidden".into(),
+        (Mode::Terminate, Http, Action::Upgrade, _) => format!(
+            "308 Permanent Redirect to https://{{host}}{}{{path}}",
+            match listener.redirect_port.unwrap_or(listener.bind.port()) {
+                443 => String::new(),
+                port => format!(":{port}"),
+            }
+        ),
+        (Mode::Terminate, Tcp, Action::Reject, _) => {
+            "connection closed without forwarding a byte".into()
+        }
+        (Mode::Terminate, _, _, _) if listener.upstream_uses_tls() => {
+            "forwarded; the upstream leg is re-originated TLS".into()
+        }
+        (Mode::Terminate, _, _, Transport::Plaintext) => {
+            "forwarded as is to the loopback upstream (a counted plaintext exception)".into()
+        }
+        (Mode::Terminate, _, _, Transport::Tls) => "forwarded to the loopback upstream".into(),
+        (Mode::Originate, Http, Action::Reject, _) => "403 Forbidden naming the rule".into(),
+        (Mode::Originate, Tcp, Action::Reject, _) => "connection closed".into(),
+        (Mode::Originate, _, Action::Upgrade, _) => "sent on with verified TLS".into(),
+        (Mode::Originate, _, Action::Allow, Transport::Plaintext) => {
+            "sent on in plaintext (a narrowed, counted exception)".into()
+        }
+        (Mode::Originate, _, Action::Allow, Transport::Tls) => "relayed as is (already TLS)".into(),
+    };
+    format!("{text}{audit}")
+}
+
+fn run(arg: &ConfigArg) -> ExitCode {
+    let config = match load(arg) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    ciphergate::logging::init(&config.log.level, config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(ciphergate::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "ciphergate stopped");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn certs_init(dir: PathBuf, names: Vec<String>, force: bool) -> ExitCode {
+    let names = if names.is_empty() {
+        ciphergate::certs::default_names()
+    } else {
+        names
+    };
+    match ciphergate::certs::init(&dir, &names, force) {
+        Ok(files) => {
+            for file in files {
+                println!("wrote {}", file.display());
+            }
+            println!("server certificate names: {}", names.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e @ ciphergate::certs::CertsError::Exists(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn demo() -> ExitCode {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| {
+            rt.block_on(ciphergate::demo::run())
+                .map_err(anyhow::Error::from)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
