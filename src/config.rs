@@ -596,16 +596,14 @@ impl Ctx<'_> {
         self.finish(top);
 
         self.check_listeners(&listeners, admin.as_ref());
-        let listeners: Vec<PartialListener> = listeners.into_iter().flatten().collect();
         self.check_rules(&rules, &listeners);
 
         if !self.errors.is_empty() {
             return None;
         }
-        let rules: Vec<RuleConfig> = rules.into_iter().flatten().collect();
         let listeners = listeners
             .into_iter()
-            .map(|l| l.finish(&rules))
+            .filter_map(|l| l.finish(&rules))
             .collect::<Vec<_>>();
         Some(Config {
             path: path.to_owned(),
@@ -698,7 +696,7 @@ impl Ctx<'_> {
         s
     }
 
-    fn listener(&mut self, mut t: Table<'_>, defaults: &Settings) -> Option<PartialListener> {
+    fn listener(&mut self, mut t: Table<'_>, defaults: &Settings) -> ListenerEntry {
         let errors_before = self.errors.len();
         let name = self.required::<String>(&mut t, "name");
         if let Some(name) = &name
@@ -799,16 +797,11 @@ impl Ctx<'_> {
         let key_path = t.path.clone();
         self.finish(t);
 
-        if self.errors.len() > errors_before {
-            return None;
-        }
-        let name = name?;
-        let bind = bind?;
-        Some(PartialListener {
-            key_path,
-            config: ListenerConfig {
+        let complete = self.errors.len() == errors_before;
+        let config = match (&name, bind) {
+            (Some(name), Some(bind)) if complete => Some(ListenerConfig {
                 redirect_port,
-                name,
+                name: name.clone(),
                 bind,
                 mode,
                 protocol,
@@ -822,8 +815,17 @@ impl Ctx<'_> {
                     enforcement: Enforcement::Enforce,
                     rules: Vec::new(),
                 },
-            },
-        })
+            }),
+            _ => None,
+        };
+        ListenerEntry {
+            key_path,
+            name,
+            bind,
+            mode,
+            protocol,
+            config,
+        }
     }
 
     fn cert(&mut self, t: &mut Table<'_>, now: i64) -> Option<CertConfig> {
@@ -1046,7 +1048,7 @@ impl Ctx<'_> {
         })
     }
 
-    fn rule(&mut self, mut t: Table<'_>) -> Option<RuleConfig> {
+    fn rule(&mut self, mut t: Table<'_>) -> RuleEntry {
         let errors_before = self.errors.len();
         let key_path = t.path.clone();
         let name = self.required::<String>(&mut t, "name");
@@ -1118,6 +1120,8 @@ impl Ctx<'_> {
         let client_verified = self.get::<bool>(&mut t, "client_verified");
         let action = self.required::<Action>(&mut t, "action");
         let action_value = t.dict.get("action").cloned();
+        let t_has_destination = t.dict.contains_key("destination");
+        let t_has_path_prefix = t.dict.contains_key("path_prefix");
         self.finish(t);
 
         if let Some(action) = action {
@@ -1143,23 +1147,29 @@ impl Ctx<'_> {
                 );
             }
         }
-        if self.errors.len() > errors_before {
-            return None;
-        }
-        Some(RuleConfig {
-            key_path,
-            listeners,
-            rule: Rule {
-                name: name?.into(),
+        let complete = self.errors.len() == errors_before;
+        let rule = match (&name, action) {
+            (Some(name), Some(action)) if complete => Some(Rule {
+                name: name.as_str().into(),
                 transport,
                 source: source.unwrap_or_default(),
                 server_name,
                 destination: destination.unwrap_or_default(),
                 path_prefix,
                 client_verified,
-                action: action?,
-            },
-        })
+                action,
+            }),
+            _ => None,
+        };
+        RuleEntry {
+            has_destination: t_has_destination,
+            has_path_prefix: t_has_path_prefix,
+            key_path,
+            name,
+            listeners,
+            action,
+            rule,
+        }
     }
 
     fn cidrs(&mut self, t: &mut Table<'_>, key: &'static str) -> Option<Vec<IpNet>> {
@@ -1188,31 +1198,31 @@ impl Ctx<'_> {
         Some(nets)
     }
 
-    fn check_listeners(
-        &mut self,
-        listeners: &[Option<PartialListener>],
-        admin: Option<&AdminConfig>,
-    ) {
+    /// Checks across listeners: unique names and non-overlapping addresses. Runs on every
+    /// listener, even one with errors of its own, so one pass reports everything.
+    fn check_listeners(&mut self, listeners: &[ListenerEntry], admin: Option<&AdminConfig>) {
         let mut names = HashSet::new();
         let mut binds: BTreeMap<SocketAddr, String> = BTreeMap::new();
         if let Some(admin) = admin {
             binds.insert(admin.bind, "admin.bind".into());
         }
-        for l in listeners.iter().flatten() {
-            if !names.insert(l.config.name.clone()) {
+        for l in listeners {
+            if let Some(name) = &l.name
+                && !names.insert(name.clone())
+            {
                 self.error(
                     None,
                     &format!("{}.name", l.key_path),
-                    format!("duplicate listener name `{}`", l.config.name),
+                    format!("duplicate listener name `{name}`"),
                 );
             }
-            let bind = l.config.bind;
+            let Some(bind) = l.bind else { continue };
             let overlaps = binds.iter().find(|(other, _)| {
-                other.port() == bind.port()
+                bind.port() != 0
+                    && other.port() == bind.port()
                     && (other.ip() == bind.ip()
                         || other.ip().is_unspecified()
                         || bind.ip().is_unspecified())
-                    && bind.port() != 0
             });
             if let Some((_, other)) = overlaps {
                 self.error(
@@ -1225,20 +1235,19 @@ impl Ctx<'_> {
         }
     }
 
-    fn check_rules(&mut self, rules: &[Option<RuleConfig>], listeners: &[PartialListener]) {
+    /// Checks between rules and the listeners they apply to.
+    fn check_rules(&mut self, rules: &[RuleEntry], listeners: &[ListenerEntry]) {
         let mut names = HashSet::new();
-        for rule in rules.iter().flatten() {
+        for rule in rules {
             let key = |k: &str| format!("{}.{k}", rule.key_path);
-            if !names.insert(rule.rule.name.clone()) {
-                self.error(
-                    None,
-                    &key("name"),
-                    format!("duplicate rule name `{}`", rule.rule.name),
-                );
+            if let Some(name) = &rule.name
+                && !names.insert(name.clone())
+            {
+                self.error(None, &key("name"), format!("duplicate rule name `{name}`"));
             }
             if let Some(wanted) = &rule.listeners {
                 for (i, name) in wanted.iter().enumerate() {
-                    if !listeners.iter().any(|l| &l.config.name == name) {
+                    if !listeners.iter().any(|l| l.name.as_ref() == Some(name)) {
                         self.error(
                             None,
                             &format!("{}[{i}]", key("listeners")),
@@ -1247,15 +1256,14 @@ impl Ctx<'_> {
                     }
                 }
             }
-            let covered: Vec<&ListenerConfig> = listeners
+            let covered: Vec<&ListenerEntry> = listeners
                 .iter()
-                .map(|l| &l.config)
-                .filter(|l| rule.applies_to(&l.name))
+                .filter(|l| l.name.as_deref().is_some_and(|n| rule.applies_to(n)))
                 .collect();
             if covered.is_empty() {
                 continue;
             }
-            if rule.rule.action == Action::Upgrade {
+            if rule.action == Some(Action::Upgrade) {
                 for l in covered
                     .iter()
                     .filter(|l| l.mode == Mode::Terminate && l.protocol == Protocol::Tcp)
@@ -1264,25 +1272,21 @@ impl Ctx<'_> {
                         None,
                         &key("action"),
                         format!(
-                            "`upgrade` cannot apply to tcp listener `{}`: there is no redirect in a byte stream \
-                             (use `listeners` to leave it out)",
-                            l.name
+                            "`upgrade` cannot apply to tcp listener `{}`: a byte stream has no \
+                             redirect (use `listeners` to leave it out)",
+                            l.name.as_deref().unwrap_or_default()
                         ),
                     );
                 }
             }
-            if !rule.rule.destination.is_empty()
-                && covered.iter().all(|l| l.mode != Mode::Originate)
-            {
+            if rule.has_destination && covered.iter().all(|l| l.mode != Mode::Originate) {
                 self.error(
                     None,
                     &key("destination"),
                     "matches only on originate listeners, and the rule applies to none",
                 );
             }
-            if !rule.rule.path_prefix.is_empty()
-                && covered.iter().all(|l| l.protocol != Protocol::Http)
-            {
+            if rule.has_path_prefix && covered.iter().all(|l| l.protocol != Protocol::Http) {
                 self.error(
                     None,
                     &key("path_prefix"),
@@ -1293,35 +1297,46 @@ impl Ctx<'_> {
     }
 }
 
-/// A listener that passed its own checks, before rules are attached.
-struct PartialListener {
+/// What is known of one `[[listener]]` table: its shape even when it has errors (for checks
+/// across listeners), and its config when it has none.
+struct ListenerEntry {
     key_path: String,
-    config: ListenerConfig,
+    name: Option<String>,
+    bind: Option<SocketAddr>,
+    mode: Mode,
+    protocol: Protocol,
+    config: Option<ListenerConfig>,
 }
 
-impl PartialListener {
-    fn finish(mut self, rules: &[RuleConfig]) -> ListenerConfig {
-        let c = &mut self.config;
-        c.policy = ListenerPolicy {
-            mode: c.mode,
-            enforcement: c.settings.enforcement,
+impl ListenerEntry {
+    /// Attaches the rules that apply to this listener, in config order.
+    fn finish(self, rules: &[RuleEntry]) -> Option<ListenerConfig> {
+        let mut config = self.config?;
+        config.policy = ListenerPolicy {
+            mode: config.mode,
+            enforcement: config.settings.enforcement,
             rules: rules
                 .iter()
-                .filter(|r| r.applies_to(&c.name))
-                .map(|r| r.rule.clone())
+                .filter(|r| r.applies_to(&config.name))
+                .filter_map(|r| r.rule.clone())
                 .collect(),
         };
-        self.config
+        Some(config)
     }
 }
 
-struct RuleConfig {
+/// What is known of one `[[rule]]` table, like [`ListenerEntry`].
+struct RuleEntry {
     key_path: String,
+    name: Option<String>,
     listeners: Option<Vec<String>>,
-    rule: Rule,
+    action: Option<Action>,
+    has_destination: bool,
+    has_path_prefix: bool,
+    rule: Option<Rule>,
 }
 
-impl RuleConfig {
+impl RuleEntry {
     fn applies_to(&self, listener: &str) -> bool {
         self.listeners
             .as_ref()
