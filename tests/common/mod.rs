@@ -184,13 +184,18 @@ impl ProxyProcess {
         self.logs.0.lock().unwrap().clone()
     }
 
-    /// Waits until a log line satisfies `pred`; false after [`PATIENCE`] or when stderr closes.
+    /// Waits until a log line satisfies `pred`; false after [`PATIENCE`].
     pub fn wait_for_log(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.wait_for_log_after(0, pred)
+    }
+
+    /// Waits until a line logged after the first `skip` lines satisfies `pred`.
+    pub fn wait_for_log_after(&self, skip: usize, pred: impl Fn(&str) -> bool) -> bool {
         let (lines, cv) = &*self.logs;
         let deadline = std::time::Instant::now() + PATIENCE;
         let mut guard = lines.lock().unwrap();
         loop {
-            if guard.iter().any(|l| pred(l)) {
+            if guard.iter().skip(skip).any(|l| pred(l)) {
                 return true;
             }
             let now = std::time::Instant::now();
