@@ -786,6 +786,18 @@ impl Ctx<'_> {
                 }
             }
         }
+        if !terminate
+            && upstream.is_none()
+            && let Some(Value::Dict(_, tls)) = t.dict.get("upstream_tls")
+            && let Some(value) = tls.get("server_name")
+        {
+            self.error(
+                Some(value),
+                &format!("{}.server_name", t.key("upstream_tls")),
+                "a forward proxy verifies each destination by its own name; server_name applies \
+                 only with a fixed upstream",
+            );
+        }
         if terminate && protocol == Protocol::Tcp && t.dict.contains_key("redirect_port") {
             let value = t.dict.get("redirect_port");
             self.error(

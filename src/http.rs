@@ -1,16 +1,24 @@
 //! The HTTP side of a listener: one decision per request, then forward, redirect or refuse.
 //!
+//! Terminate listeners:
+//!
 //! | action  | plaintext request            | TLS request           |
 //! |---------|------------------------------|-----------------------|
 //! | allow   | forward                      | forward (+ HSTS)      |
 //! | upgrade | 308 to `https://host[:port]` | (never matches TLS)   |
 //! | reject  | 426 + `Connection: close`    | 403                   |
 //!
-//! On originate listeners `upgrade` (the default for plaintext) forwards over verified TLS,
-//! `allow` forwards plaintext (a narrowed exception) and `reject` answers 403 naming the rule.
+//! Originate listeners: `upgrade` (the default for the app's plaintext) forwards over verified
+//! TLS, `allow` forwards plaintext (only a narrowed rule can say so) and `reject` answers 403
+//! naming the rule. Without a fixed upstream the listener is a forward proxy ([`crate::forward`]).
+//!
+//! When a rule tests `destination`, the upstream name is resolved first, every address is
+//! decided, and the request goes on a fresh connection to the addresses that got the same
+//! decision: what the policy approved is where the bytes go.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::error::Error as StdError;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,60 +30,98 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
+use crate::forward::ForwardProxy;
+use crate::io::IdleClock;
+use crate::listener::Held;
 use crate::metrics::{ListenerMetrics, UpstreamFailure};
-use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
+use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Transport};
 use crate::upstream::{Connector, Upstream};
 
 /// The body of every response ciphergate sends: the upstream's, streamed, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// A pooled upstream client (keep-alive HTTP/1.1, or HTTP/2 when ALPN says so).
+pub type PooledClient = Client<Connector, Incoming>;
+
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One upstream as the HTTP side uses it: a pooled client and the URI parts to address it.
+pub fn pooled_client(connector: Connector) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .http2_adaptive_window(true)
+        .build(connector)
+}
+
+/// One fixed upstream as the HTTP side uses it: how to reach it, a pooled client, and the URI
+/// parts that address it.
 pub struct HttpUpstream {
-    client: Client<Connector, Incoming>,
+    pub target: Arc<Upstream>,
+    client: PooledClient,
     scheme: Scheme,
     authority: Authority,
 }
 
 impl HttpUpstream {
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        let scheme = if upstream.uses_tls() {
+    pub fn new(target: Arc<Upstream>) -> Self {
+        let scheme = if target.uses_tls() {
             Scheme::HTTPS
         } else {
             Scheme::HTTP
         };
-        let authority = Authority::try_from(upstream.addr.authority())
+        let authority = Authority::try_from(target.addr.authority())
             .expect("a validated upstream address is a valid authority");
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .http2_adaptive_window(true)
-            .build(Connector(upstream));
         HttpUpstream {
-            client,
+            client: pooled_client(Connector::Fixed(target.clone())),
+            target,
             scheme,
             authority,
         }
     }
+
+    fn pooled(&self) -> (Via<'_>, Scheme, Authority) {
+        (
+            Via::Pool(&self.client),
+            self.scheme.clone(),
+            self.authority.clone(),
+        )
+    }
+
+    fn pinned(&self, addrs: Vec<SocketAddr>) -> (Via<'_>, Scheme, Authority) {
+        (
+            Via::Pinned(&self.target, addrs),
+            self.scheme.clone(),
+            self.authority.clone(),
+        )
+    }
+}
+
+/// Where a listener's requests go.
+pub enum Route {
+    /// A terminate listener: the app beside it, or a re-originated TLS upstream.
+    Terminate(HttpUpstream),
+    /// An originate listener with a fixed upstream.
+    Originate {
+        /// Verified TLS: the default.
+        tls: HttpUpstream,
+        /// Plaintext, used only when a narrowed `allow` rule matches; `None` when no rule of
+        /// the listener could allow plaintext.
+        plaintext_exception: Option<HttpUpstream>,
+    },
+    /// An originate listener without an upstream: a forward proxy for `HTTP_PROXY`.
+    Forward(ForwardProxy),
 }
 
 /// The per-listener HTTP state, built once per config and shared by its connections.
 pub struct HttpProxy {
-    pub mode: Mode,
     pub policy: ListenerPolicy,
     pub metrics: ListenerMetrics,
-    /// The usual leg: plaintext to the app beside a terminate listener, or verified TLS.
-    pub upstream: HttpUpstream,
-    /// A plaintext leg to an originate listener's upstream, used only when a narrowed `allow`
-    /// rule matches; `None` when no rule of the listener could allow plaintext.
-    pub plaintext_exception: Option<HttpUpstream>,
-    /// The upstream host, which originate rules match as `server_name`.
-    pub upstream_host: String,
+    pub route: Route,
     pub hsts: Option<HeaderValue>,
     pub redirect_port: u16,
 }
@@ -85,30 +131,46 @@ impl HttpProxy {
     pub fn new(
         config: &ListenerConfig,
         bound_port: u16,
-        upstream: Arc<Upstream>,
-        plaintext_exception: Option<Arc<Upstream>>,
+        route: Route,
         metrics: ListenerMetrics,
     ) -> Self {
         HttpProxy {
-            mode: config.mode,
             policy: config.policy.clone(),
             metrics,
-            upstream_host: upstream.addr.host.clone(),
-            upstream: HttpUpstream::new(upstream),
-            plaintext_exception: plaintext_exception.map(HttpUpstream::new),
+            route,
             hsts: config.settings.hsts.clone(),
             redirect_port: config.redirect_port.unwrap_or(bound_port),
         }
     }
+
+    pub fn mode(&self) -> Mode {
+        match self.route {
+            Route::Terminate(_) => Mode::Terminate,
+            Route::Originate { .. } | Route::Forward(_) => Mode::Originate,
+        }
+    }
+
+    /// Counts a decision and returns it.
+    pub fn count(&self, decision: Decision) -> Decision {
+        self.metrics.decision(decision.rule, decision.label());
+        decision
+    }
 }
 
-/// What is known about the client connection a request arrived on.
+/// What is known about the client connection a request arrived on, and what keeps it
+/// accounted for when an upgrade hands its socket to a tunnel.
 pub struct ConnInfo {
     pub transport: Transport,
     pub source: IpAddr,
     /// The SNI of a TLS connection, lowercased.
     pub sni: Option<Box<str>>,
     pub client_verified: bool,
+    /// The connection's permit and active-gauge entry; a tunnel holds a clone.
+    pub held: Arc<Held>,
+    pub clock: Arc<IdleClock>,
+    pub idle_timeout: Duration,
+    /// Tunnels are spawned here, so a drain waits for them.
+    pub tasks: TaskTracker,
 }
 
 /// Decides and answers one request. Every response is counted by class.
@@ -117,9 +179,16 @@ pub async fn handle(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let mut response = route(proxy, conn, req).await;
+    let mut response = match &proxy.route {
+        Route::Terminate(upstream) => terminate(proxy, upstream, conn, req).await,
+        Route::Originate {
+            tls,
+            plaintext_exception,
+        } => originate(proxy, tls, plaintext_exception.as_ref(), conn, req).await,
+        Route::Forward(forward) => crate::forward::handle(proxy, forward, conn, req).await,
+    };
     if conn.transport == Transport::Tls
-        && proxy.mode == Mode::Terminate
+        && proxy.mode() == Mode::Terminate
         && let Some(hsts) = &proxy.hsts
     {
         response
@@ -131,16 +200,29 @@ pub async fn handle(
     response
 }
 
-async fn route(proxy: &HttpProxy, conn: &ConnInfo, req: Request<Incoming>) -> Response<ProxyBody> {
+/// The normalised path, owned only when normalisation changed it (the common case allocates
+/// nothing).
+pub fn rewritten_path(normalized: Option<Cow<'_, str>>) -> Option<String> {
+    match normalized {
+        Some(Cow::Owned(path)) => Some(path),
+        _ => None,
+    }
+}
+
+async fn terminate(
+    proxy: &HttpProxy,
+    upstream: &HttpUpstream,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     // The path and host borrow the request; decide in a scope of their own so the request can
-    // be moved on afterwards. Only a path that normalisation changed is kept (owned).
+    // be moved on afterwards.
     let (decision, rewritten) = {
         let normalized = policy::normalize_path(req.uri().path());
         let host = request_host(&req).and_then(policy::host_name);
-        let server_name = match (proxy.mode, conn.transport) {
-            (Mode::Originate, _) => Some(proxy.upstream_host.as_str()),
-            (Mode::Terminate, Transport::Tls) => conn.sni.as_deref(),
-            (Mode::Terminate, Transport::Plaintext) => host.as_deref(),
+        let server_name = match conn.transport {
+            Transport::Tls => conn.sni.as_deref(),
+            Transport::Plaintext => host.as_deref(),
         };
         let facts = Facts {
             transport: conn.transport,
@@ -150,44 +232,112 @@ async fn route(proxy: &HttpProxy, conn: &ConnInfo, req: Request<Incoming>) -> Re
             destination: None,
             client_verified: conn.client_verified,
         };
-        let decision = policy::decide(&proxy.policy, &facts);
-        proxy.metrics.decision(decision.rule, decision.label());
-        if proxy.mode == Mode::Terminate && decision.action == Action::Upgrade {
+        let decision = proxy.count(policy::decide(&proxy.policy, &facts));
+        if decision.action == Action::Upgrade {
             return redirect(host.as_deref(), proxy.redirect_port, req.uri());
         }
-        let rewritten = match normalized {
-            Some(Cow::Owned(path)) => Some(path),
-            _ => None,
-        };
-        (decision, rewritten)
+        (decision, rewritten_path(normalized))
     };
-    let rewritten = rewritten.as_deref();
-
-    match (proxy.mode, decision.action, conn.transport) {
-        (Mode::Terminate, Action::Reject, Transport::Plaintext) => upgrade_required(),
-        (Mode::Terminate, Action::Reject, Transport::Tls) => {
-            local(StatusCode::FORBIDDEN, "forbidden by policy\n")
+    match (decision.action, conn.transport) {
+        (Action::Reject, Transport::Plaintext) => upgrade_required(),
+        (Action::Reject, Transport::Tls) => local(StatusCode::FORBIDDEN, "forbidden by policy\n"),
+        _ => {
+            let (via, scheme, authority) = upstream.pooled();
+            forward(
+                proxy,
+                conn,
+                req,
+                rewritten.as_deref(),
+                scheme,
+                authority,
+                via,
+            )
+            .await
         }
-        (Mode::Terminate, Action::Allow | Action::Upgrade, _) => {
-            forward(proxy, &proxy.upstream, conn, req, rewritten).await
-        }
-        (Mode::Originate, Action::Reject, _) => local(
-            StatusCode::FORBIDDEN,
-            format!(
-                "forbidden by ciphergate rule `{}`\n",
-                decision.rule_name(&proxy.policy)
-            ),
-        ),
-        (Mode::Originate, Action::Upgrade, _) => {
-            forward(proxy, &proxy.upstream, conn, req, rewritten).await
-        }
-        (Mode::Originate, Action::Allow, _) => match &proxy.plaintext_exception {
-            Some(plain) => forward(proxy, plain, conn, req, rewritten).await,
-            // Unreachable by construction (the exception leg exists whenever a rule could
-            // allow), but if it ever is, fail closed.
-            None => local(StatusCode::FORBIDDEN, "forbidden by policy\n"),
-        },
     }
+}
+
+async fn originate(
+    proxy: &HttpProxy,
+    tls: &HttpUpstream,
+    plaintext_exception: Option<&HttpUpstream>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let normalized = policy::normalize_path(req.uri().path());
+    let facts = Facts {
+        transport: conn.transport,
+        source: Some(conn.source),
+        server_name: Some(&tls.target.addr.host),
+        path: normalized.as_deref(),
+        destination: None,
+        client_verified: false,
+    };
+    let (decision, addrs) = if proxy.policy.needs_destination() {
+        let addrs = match tls.target.resolve().await {
+            Ok(addrs) => addrs,
+            Err(failure) => return failure_response(failure),
+        };
+        let (decision, approved) = policy::decide_destinations(&proxy.policy, &facts, &addrs);
+        (decision, Some(approved))
+    } else {
+        (policy::decide(&proxy.policy, &facts), None)
+    };
+    let decision = proxy.count(decision);
+    let rewritten = rewritten_path(normalized);
+    let leg = match originate_leg(&decision) {
+        Leg::Refuse => return forbidden_by_rule(proxy, &decision),
+        Leg::Tls => tls,
+        Leg::Plaintext => match plaintext_exception {
+            Some(plain) => plain,
+            // The exception leg exists whenever a rule could allow; fail closed regardless.
+            None => return forbidden_by_rule(proxy, &decision),
+        },
+    };
+    let (via, scheme, authority) = match addrs {
+        Some(addrs) => leg.pinned(addrs),
+        None => leg.pooled(),
+    };
+    forward(
+        proxy,
+        conn,
+        req,
+        rewritten.as_deref(),
+        scheme,
+        authority,
+        via,
+    )
+    .await
+}
+
+/// Which leg an originate decision sends the app's plaintext on.
+pub enum Leg {
+    Tls,
+    Plaintext,
+    Refuse,
+}
+
+/// Originate listeners send plaintext on only for an explicit, narrowed `allow`. Under `audit`
+/// a rejection is let through over TLS, never in plaintext: audit must not open a plaintext
+/// path that enforcement would not.
+pub fn originate_leg(decision: &Decision) -> Leg {
+    match decision.action {
+        Action::Reject => Leg::Refuse,
+        Action::Allow if decision.audited => Leg::Tls,
+        Action::Allow => Leg::Plaintext,
+        Action::Upgrade => Leg::Tls,
+    }
+}
+
+/// 403 naming the rule that refused (originate listeners: the local app may be told why).
+pub fn forbidden_by_rule(proxy: &HttpProxy, decision: &Decision) -> Response<ProxyBody> {
+    local(
+        StatusCode::FORBIDDEN,
+        format!(
+            "forbidden by ciphergate rule `{}`\n",
+            decision.rule_name(&proxy.policy)
+        ),
+    )
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
@@ -198,7 +348,7 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
-fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub fn local(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(body.into())));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -246,14 +396,25 @@ fn redirect(host: Option<&str>, port: u16, uri: &Uri) -> Response<ProxyBody> {
     response
 }
 
-/// Sends the request on to `target` and streams the answer back. The upstream sees the
-/// normalised path the policy decided on: `rewritten` is set when normalisation changed it.
-async fn forward(
+/// How a request reaches its upstream.
+pub enum Via<'a> {
+    /// A pooled client; the URI names the upstream.
+    Pool(&'a PooledClient),
+    /// A fresh connection to addresses the policy approved.
+    Pinned(&'a Upstream, Vec<SocketAddr>),
+}
+
+/// Sends the request on and streams the answer back. The upstream sees the normalised path the
+/// policy decided on (`rewritten` is set when normalisation changed it), without the client's
+/// hop-by-hop headers.
+pub async fn forward(
     proxy: &HttpProxy,
-    target: &HttpUpstream,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
     rewritten: Option<&str>,
+    scheme: Scheme,
+    authority: Authority,
+    via: Via<'_>,
 ) -> Response<ProxyBody> {
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -270,8 +431,8 @@ async fn forward(
         (_, original) => original.cloned(),
     };
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(target.scheme.clone());
-    uri.authority = Some(target.authority.clone());
+    uri.scheme = Some(scheme);
+    uri.authority = Some(authority);
     uri.path_and_query = Some(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
     let Ok(uri) = Uri::from_parts(uri) else {
         return local(StatusCode::BAD_REQUEST, "invalid request target\n");
@@ -287,7 +448,7 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, value);
     }
-    if proxy.mode == Mode::Terminate {
+    if proxy.mode() == Mode::Terminate {
         let proto = match conn.transport {
             Transport::Tls => "https",
             Transport::Plaintext => "http",
@@ -297,25 +458,30 @@ async fn forward(
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
 
-    let mut response = match target
-        .client
-        .request(Request::from_parts(parts, body))
-        .await
-    {
+    let req = Request::from_parts(parts, body);
+    let sent = match via {
+        Via::Pool(client) => client
+            .request(req)
+            .await
+            .map_err(|e| Box::new(e) as BoxError),
+        Via::Pinned(upstream, addrs) => send_pinned(upstream, &addrs, req).await,
+    };
+    let mut response = match sent {
         Ok(response) => response,
-        Err(error) => return upstream_failure(&proxy.metrics, &error),
+        Err(error) => return failure_response(classify(&proxy.metrics, &*error)),
     };
 
     if upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(async move {
+            let held = conn.held.clone();
+            let clock = conn.clock.clone();
+            let idle = conn.idle_timeout;
+            conn.tasks.spawn(async move {
+                let _held = held;
                 if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                    let _ = tokio::io::copy_bidirectional(
-                        &mut TokioIo::new(client),
-                        &mut TokioIo::new(upstream),
-                    )
-                    .await;
+                    crate::relay::relay(TokioIo::new(client), TokioIo::new(upstream), &clock, idle)
+                        .await;
                 }
             });
         }
@@ -327,34 +493,70 @@ async fn forward(
 
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// A 502 (or 504 on a timeout) naming the failure category.
-fn upstream_failure(
-    metrics: &ListenerMetrics,
-    error: &hyper_util::client::legacy::Error,
-) -> Response<ProxyBody> {
-    // Connect-phase failures were counted by the connector, with their category.
-    let failure = if error.is_connect() {
-        find_failure(error).unwrap_or(UpstreamFailure::Connect)
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// One request on a fresh connection to `addrs`: HTTP/2 when ALPN chose it, else HTTP/1.1.
+async fn send_pinned(
+    upstream: &Upstream,
+    addrs: &[SocketAddr],
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, BoxError> {
+    let stream = upstream.connect_to(addrs).await?;
+    if stream.negotiated_h2() {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(conn);
+        Ok(sender.send_request(req).await?)
     } else {
-        metrics.upstream_error(UpstreamFailure::Protocol);
+        // HTTP/1.1 on a direct connection takes the origin form.
+        let origin = req.uri().path_and_query().cloned();
+        *req.uri_mut() = Uri::from(origin.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(sender.send_request(req).await?)
+    }
+}
+
+/// The failure category of a failed exchange, counting it unless the connector already did.
+pub fn classify(metrics: &ListenerMetrics, error: &(dyn StdError + 'static)) -> UpstreamFailure {
+    let mut current = Some(error);
+    let mut tls = false;
+    while let Some(e) = current {
+        if let Some(failure) = e.downcast_ref::<UpstreamFailure>() {
+            // Counted where it happened.
+            return *failure;
+        }
+        if e.is::<rustls::Error>() {
+            tls = true;
+        }
+        // `io::Error::source` skips the error it wraps; look inside explicitly.
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner),
+            None => e.source(),
+        };
+    }
+    let failure = if tls {
+        // Such as a TLS 1.3 server refusing our certificate after the handshake.
+        UpstreamFailure::Tls
+    } else {
         UpstreamFailure::Protocol
     };
+    metrics.upstream_error(failure);
+    failure
+}
+
+/// 502 (504 on a timeout) with a one-line body naming the failure category.
+pub fn failure_response(failure: UpstreamFailure) -> Response<ProxyBody> {
     let status = match failure {
         UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     };
     local(status, format!("{failure}\n"))
-}
-
-fn find_failure(error: &(dyn std::error::Error + 'static)) -> Option<UpstreamFailure> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(failure) = e.downcast_ref::<UpstreamFailure>() {
-            return Some(*failure);
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// An HTTP/1.1 `Connection: upgrade` request (WebSocket and friends).

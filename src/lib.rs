@@ -29,6 +29,7 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod forward;
 pub mod http;
 pub mod io;
 pub mod listener;

@@ -11,7 +11,7 @@
 //! Nothing here logs: a connection's fate is visible only in counters.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -28,13 +28,14 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ListenerConfig, Protocol, Settings};
+use crate::config::{ListenerConfig, Protocol, Settings, UpstreamAddr};
 use crate::detect::{Detected, detect};
-use crate::http::{ConnInfo, HttpProxy};
+use crate::forward::ForwardProxy;
+use crate::http::{ConnInfo, HttpProxy, HttpUpstream, Leg as HttpLeg, Route, originate_leg};
 use crate::io::{IdleClock, Metered};
-use crate::metrics::{HandshakeOutcome, Leg, ListenerMetrics, Metrics};
+use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
-use crate::upstream::{Security, Upstream};
+use crate::upstream::{DynamicConnector, Security, Upstream};
 
 /// The largest HTTP request head accepted (HTTP/1 request line + headers, HTTP/2 header list);
 /// beyond it, HTTP/1 gets 431.
@@ -48,10 +49,6 @@ pub enum BuildError {
     ServerTls(#[from] crate::tls::server::ServerTlsError),
     #[error(transparent)]
     ClientTls(#[from] crate::tls::client::ClientTlsError),
-    #[error(
-        "listener {0}: forward-proxy mode (an originate http listener without upstream) is not available yet"
-    )]
-    ForwardProxy(String),
 }
 
 /// Everything a connection needs, built from one config. Connections take a snapshot when they
@@ -71,12 +68,12 @@ pub struct ListenerState {
     http_server: auto::Builder<TokioExecutor>,
     /// Tcp listeners only.
     tcp: Option<TcpTargets>,
-    /// The upstream host, which originate rules match as `server_name`.
-    upstream_host: String,
     /// Permits for `max_connections`.
     pub limit: Arc<Semaphore>,
 }
 
+/// Where a tcp listener's bytes go: its usual leg, and (originate only) the plaintext leg a
+/// narrowed `allow` rule may choose.
 struct TcpTargets {
     upstream: Arc<Upstream>,
     plaintext_exception: Option<Arc<Upstream>>,
@@ -102,49 +99,74 @@ impl ListenerState {
             Mode::Terminate => Some(crate::tls::server::server_config(config)?),
             Mode::Originate => None,
         };
-        let Some(addr) = config.upstream.clone() else {
-            return Err(BuildError::ForwardProxy(config.name.clone()));
-        };
-        let security = if config.upstream_uses_tls() {
-            Security::Tls(crate::tls::client::upstream_tls(config, &addr.host)?)
-        } else {
-            Security::LoopbackPlaintext
-        };
-        let make = |security| {
+        let timeout = config.settings.handshake_timeout;
+        let make = |addr: &UpstreamAddr, security| {
             Arc::new(Upstream {
                 addr: addr.clone(),
                 security,
-                timeout: config.settings.handshake_timeout,
+                timeout,
                 metrics: listener_metrics.clone(),
             })
         };
-        let upstream = make(security);
-        let plaintext_exception = (config.mode == Mode::Originate
-            && config
-                .policy
-                .rules
-                .iter()
-                .any(|r| r.action == Action::Allow && r.transport != Some(Transport::Tls)))
-        .then(|| make(Security::PlaintextException));
+        // The usual leg and, on originate listeners whose rules could allow plaintext, the
+        // exception leg.
+        let legs = match &config.upstream {
+            Some(addr) => {
+                let security = if config.upstream_uses_tls() {
+                    Security::Tls(crate::tls::client::upstream_tls(config, &addr.host)?)
+                } else {
+                    Security::LoopbackPlaintext
+                };
+                let may_allow_plaintext =
+                    config.mode == Mode::Originate
+                        && config.policy.rules.iter().any(|r| {
+                            r.action == Action::Allow && r.transport != Some(Transport::Tls)
+                        });
+                Some((
+                    make(addr, security),
+                    may_allow_plaintext.then(|| make(addr, Security::PlaintextException)),
+                ))
+            }
+            None => None,
+        };
 
-        let (http, tcp) = match config.protocol {
-            Protocol::Http => (
-                Some(HttpProxy::new(
-                    config,
-                    bound_port,
-                    upstream,
-                    plaintext_exception,
-                    listener_metrics.clone(),
-                )),
-                None,
-            ),
-            Protocol::Tcp => (
+        let (http, tcp) = match (config.protocol, legs) {
+            (Protocol::Http, legs) => {
+                let route = match (config.mode, legs) {
+                    (Mode::Terminate, Some((upstream, _))) => {
+                        Route::Terminate(HttpUpstream::new(upstream))
+                    }
+                    (Mode::Originate, Some((upstream, exception))) => Route::Originate {
+                        tls: HttpUpstream::new(upstream),
+                        plaintext_exception: exception.map(HttpUpstream::new),
+                    },
+                    // Validation guarantees terminate listeners have an upstream.
+                    (_, None) => {
+                        let client =
+                            crate::tls::client::client_config(config, config.upstream_tls.as_ref())
+                                .map_err(|reason| crate::tls::client::ClientTlsError::Build {
+                                    listener: config.name.clone(),
+                                    reason,
+                                })?;
+                        Route::Forward(ForwardProxy::new(DynamicConnector {
+                            tls: client,
+                            timeout,
+                            metrics: listener_metrics.clone(),
+                        }))
+                    }
+                };
+                let proxy = HttpProxy::new(config, bound_port, route, listener_metrics.clone());
+                (Some(proxy), None)
+            }
+            (Protocol::Tcp, Some((upstream, plaintext_exception))) => (
                 None,
                 Some(TcpTargets {
                     upstream,
                     plaintext_exception,
                 }),
             ),
+            // Validation guarantees tcp listeners have an upstream.
+            (Protocol::Tcp, None) => (None, None),
         };
 
         Ok(ListenerState {
@@ -159,7 +181,6 @@ impl ListenerState {
             http,
             http_server: http_server(&config.settings),
             tcp,
-            upstream_host: addr.host,
             limit: Arc::new(Semaphore::new(config.settings.max_connections)),
         })
     }
@@ -208,7 +229,52 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         };
-        connections.spawn(connection(state, stream, peer, permit, shutdown.clone()));
+        let held = Arc::new(Held {
+            _active: state.metrics.active_guard(),
+            _permit: permit,
+        });
+        let tasks = connections.clone();
+        connections.spawn(connection(
+            state,
+            stream,
+            peer,
+            held,
+            shutdown.clone(),
+            tasks,
+        ));
+    }
+}
+
+/// What keeps a connection accounted for: its `max_connections` permit and its place in
+/// `ciphergate_connections_active`. Released when the connection, and any tunnel it was
+/// upgraded into, has ended.
+pub struct Held {
+    _permit: OwnedSemaphorePermit,
+    _active: ActiveGuard,
+}
+
+/// Per-connection context shared by the paths below.
+struct Conn {
+    state: Arc<ListenerState>,
+    source: IpAddr,
+    held: Arc<Held>,
+    clock: Arc<IdleClock>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Conn {
+    fn info(&self, transport: Transport, sni: Option<Box<str>>, client_verified: bool) -> ConnInfo {
+        ConnInfo {
+            transport,
+            source: self.source,
+            sni,
+            client_verified,
+            held: self.held.clone(),
+            clock: self.clock.clone(),
+            idle_timeout: self.state.settings.idle_timeout,
+            tasks: self.tasks.clone(),
+        }
     }
 }
 
@@ -218,78 +284,69 @@ async fn connection(
     state: Arc<ListenerState>,
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    held: Arc<Held>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 ) {
-    let _active = state.metrics.active_guard();
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + state.settings.handshake_timeout;
-    let detected = match timeout_at(deadline, detect(&stream)).await {
-        Ok(Ok(detected)) => detected,
-        Ok(Err(_)) => return,
-        Err(_) => {
-            // Silence where a ClientHello was due is a stalled handshake.
-            if state.mode == Mode::Terminate {
+    // Originate listeners carry the local app's bytes as plaintext (detection would stall
+    // protocols where the server speaks first); terminate listeners look at the first byte.
+    let detected = match (&state.tls, timeout_at(deadline, detect(&stream))) {
+        (None, _) => Detected::Plaintext,
+        (Some(_), detecting) => match detecting.await {
+            Ok(Ok(detected)) => detected,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                // Silence where a ClientHello was due is a stalled handshake.
                 state
                     .metrics
                     .handshake(Leg::Downstream, HandshakeOutcome::Timeout);
+                return;
             }
-            return;
-        }
+        },
     };
     let clock = IdleClock::new();
     let io = Metered::new(stream, state.metrics.byte_counters(), clock.clone());
-    let source = peer.ip();
-    match (detected, &state.tls) {
+    let conn = Conn {
+        source: peer.ip(),
+        state,
+        held,
+        clock,
+        shutdown,
+        tasks,
+    };
+    match (detected, conn.state.tls.clone()) {
         (Detected::Closed, _) => {}
-        (Detected::Tls, Some(tls)) => {
-            let tls = tls.clone();
-            terminate_tls(&state, io, source, tls, deadline, &clock, &shutdown).await
-        }
-        (Detected::Tls, None) => {
-            // TLS from the local app to an originate listener: end-to-end encrypted already.
-            state.metrics.connection(Transport::Tls);
-            carry(
-                &state,
-                io,
-                Transport::Tls,
-                source,
-                None,
-                false,
-                &clock,
-                &shutdown,
-            )
-            .await
-        }
-        (Detected::Plaintext, _) => {
-            state.metrics.connection(Transport::Plaintext);
-            carry(
-                &state,
-                io,
-                Transport::Plaintext,
-                source,
-                None,
-                false,
-                &clock,
-                &shutdown,
-            )
-            .await
+        (Detected::Tls, Some(tls)) => terminate_tls(&conn, io, tls, deadline).await,
+        (_, _) => {
+            conn.state.metrics.connection(Transport::Plaintext);
+            match conn.state.protocol {
+                Protocol::Http => {
+                    serve_http(&conn, io, conn.info(Transport::Plaintext, None, false)).await
+                }
+                Protocol::Tcp => {
+                    if let Some((upstream, addrs)) =
+                        decide_tcp(&conn, Transport::Plaintext, None, false).await
+                    {
+                        relay_to(&conn, io, &upstream, addrs).await
+                    }
+                }
+            }
         }
     }
 }
 
 /// The TLS handshake of a terminate listener, then the connection's protocol.
 async fn terminate_tls(
-    state: &Arc<ListenerState>,
+    conn: &Conn,
     io: Metered<TcpStream>,
-    source: std::net::IpAddr,
     config: Arc<ServerConfig>,
     deadline: Instant,
-    clock: &Arc<IdleClock>,
-    shutdown: &CancellationToken,
 ) {
-    state.metrics.connection(Transport::Tls);
+    let state = &conn.state;
     let metrics = &state.metrics;
+    metrics.connection(Transport::Tls);
     let start = match timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io)).await {
         Ok(Ok(start)) => start,
         Ok(Err(_)) => return metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed),
@@ -302,11 +359,14 @@ async fn terminate_tls(
 
     // A tcp listener refuses before the handshake completes, unless a rule needs to know
     // whether the client certificate verified.
-    let early = (state.protocol == Protocol::Tcp && !state.policy.needs_client_verified())
-        .then(|| decide_tcp(state, Transport::Tls, source, sni.as_deref(), false));
-    if early == Some(Action::Reject) {
-        return;
-    }
+    let early = if state.protocol == Protocol::Tcp && !state.policy.needs_client_verified() {
+        match decide_tcp(conn, Transport::Tls, sni.as_deref(), false).await {
+            Some(target) => Some(target),
+            None => return,
+        }
+    } else {
+        None
+    };
 
     let stream = match timeout_at(deadline, start.into_stream(config)).await {
         Ok(Ok(stream)) => stream,
@@ -326,122 +386,93 @@ async fn terminate_tls(
 
     match state.protocol {
         Protocol::Http => {
-            let info = ConnInfo {
-                transport: Transport::Tls,
-                source,
-                sni,
-                client_verified,
-            };
-            serve_http(state, stream, info, clock, shutdown).await
+            serve_http(
+                conn,
+                stream,
+                conn.info(Transport::Tls, sni, client_verified),
+            )
+            .await
         }
         Protocol::Tcp => {
-            let action = match early {
-                Some(action) => action,
-                None => decide_tcp(
-                    state,
-                    Transport::Tls,
-                    source,
-                    sni.as_deref(),
-                    client_verified,
-                ),
+            let target = match early {
+                Some(target) => Some(target),
+                None => decide_tcp(conn, Transport::Tls, sni.as_deref(), client_verified).await,
             };
-            if action != Action::Reject {
-                relay_to_upstream(state, stream, action, clock).await
+            if let Some((upstream, addrs)) = target {
+                relay_to(conn, stream, &upstream, addrs).await
             }
         }
     }
 }
 
-/// A connection that is not terminated here: plaintext, or TLS passing through an originate
-/// listener.
-#[allow(clippy::too_many_arguments)]
-async fn carry(
-    state: &Arc<ListenerState>,
-    io: Metered<TcpStream>,
+/// Decides a tcp connection, counts the decision, and returns the leg to relay to (with the
+/// addresses the policy approved, when a rule tests `destination`), or `None` to close.
+async fn decide_tcp(
+    conn: &Conn,
     transport: Transport,
-    source: std::net::IpAddr,
-    sni: Option<Box<str>>,
-    client_verified: bool,
-    clock: &Arc<IdleClock>,
-    shutdown: &CancellationToken,
-) {
-    match state.protocol {
-        Protocol::Http => {
-            let info = ConnInfo {
-                transport,
-                source,
-                sni,
-                client_verified,
-            };
-            serve_http(state, io, info, clock, shutdown).await
-        }
-        Protocol::Tcp => {
-            let action = decide_tcp(state, transport, source, None, false);
-            if action != Action::Reject {
-                relay_to_upstream(state, io, action, clock).await
-            }
-        }
-    }
-}
-
-/// Decides a tcp connection and counts the decision; under `audit` a rejection comes back as
-/// `Allow`.
-fn decide_tcp(
-    state: &ListenerState,
-    transport: Transport,
-    source: std::net::IpAddr,
     sni: Option<&str>,
     client_verified: bool,
-) -> Action {
+) -> Option<(Arc<Upstream>, Option<Vec<SocketAddr>>)> {
+    let state = &conn.state;
+    let targets = state.tcp.as_ref()?;
     let server_name = match state.mode {
         Mode::Terminate => sni,
-        Mode::Originate => Some(state.upstream_host.as_str()),
+        Mode::Originate => Some(targets.upstream.addr.host.as_str()),
     };
     let facts = Facts {
         transport,
-        source: Some(source),
+        source: Some(conn.source),
         server_name,
         path: None,
         destination: None,
         client_verified,
     };
-    let decision = policy::decide(&state.policy, &facts);
+    let (decision, addrs) = if state.mode == Mode::Originate && state.policy.needs_destination() {
+        let addrs = targets.upstream.resolve().await.ok()?;
+        let (decision, approved) = policy::decide_destinations(&state.policy, &facts, &addrs);
+        (decision, Some(approved))
+    } else {
+        (policy::decide(&state.policy, &facts), None)
+    };
     state.metrics.decision(decision.rule, decision.label());
-    decision.action
+    let upstream = match state.mode {
+        Mode::Terminate if decision.action == Action::Reject => return None,
+        Mode::Terminate => &targets.upstream,
+        Mode::Originate => match originate_leg(&decision) {
+            HttpLeg::Refuse => return None,
+            HttpLeg::Tls => &targets.upstream,
+            HttpLeg::Plaintext => targets.plaintext_exception.as_ref()?,
+        },
+    };
+    Some((upstream.clone(), addrs))
 }
 
-/// Connects the leg the decision calls for and relays. On an originate listener `allow` is the
-/// narrowed plaintext exception; everything else goes over the listener's usual leg.
-async fn relay_to_upstream<C>(state: &ListenerState, client: C, action: Action, clock: &IdleClock)
+/// Connects the chosen leg and relays until either side closes or the connection idles out.
+async fn relay_to<C>(conn: &Conn, client: C, upstream: &Upstream, addrs: Option<Vec<SocketAddr>>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(targets) = &state.tcp else { return };
-    let target = match (state.mode, action) {
-        (Mode::Originate, Action::Allow) => match &targets.plaintext_exception {
-            Some(plain) => plain,
-            None => return,
-        },
-        _ => &targets.upstream,
+    let connected = match addrs {
+        Some(addrs) => upstream.connect_to(&addrs).await,
+        None => upstream.connect().await,
     };
-    let Ok(upstream) = target.connect().await else {
-        return;
-    };
-    crate::relay::relay(client, upstream, clock, state.settings.idle_timeout).await
+    let Ok(upstream) = connected else { return };
+    crate::relay::relay(
+        client,
+        upstream,
+        &conn.clock,
+        conn.state.settings.idle_timeout,
+    )
+    .await
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on a connection until it ends, goes idle, or the drain is over.
-async fn serve_http<I>(
-    state: &Arc<ListenerState>,
-    io: I,
-    info: ConnInfo,
-    clock: &Arc<IdleClock>,
-    shutdown: &CancellationToken,
-) where
+async fn serve_http<I>(conn: &Conn, io: I, info: ConnInfo)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
-    let service_state = state.clone();
+    let service_state = conn.state.clone();
     let service = service_fn(move |req| {
         let state = service_state.clone();
         let info = info.clone();
@@ -453,19 +484,20 @@ async fn serve_http<I>(
             Ok::<_, Infallible>(crate::http::handle(proxy, &info, req).await)
         }
     });
-    let conn = state
+    let http = conn
+        .state
         .http_server
         .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let idle = state.settings.idle_timeout;
+    tokio::pin!(http);
+    let idle = conn.state.settings.idle_timeout;
     tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = clock.expired(idle) => return,
-        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+        _ = http.as_mut() => return,
+        _ = conn.clock.expired(idle) => return,
+        _ = conn.shutdown.cancelled() => http.as_mut().graceful_shutdown(),
     }
     // Draining: finish what is in flight; the app stops waiting at `drain_timeout`.
     tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = clock.expired(idle) => {}
+        _ = http.as_mut() => {}
+        _ = conn.clock.expired(idle) => {}
     }
 }

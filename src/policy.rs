@@ -5,7 +5,7 @@
 //! very same function, so what `explain` prints is what traffic gets.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -290,6 +290,35 @@ pub fn decide(policy: &ListenerPolicy, facts: &Facts<'_>) -> Decision {
     }
 }
 
+/// Decides a connection whose upstream name resolved to `addrs`: the decision for the first
+/// address, and every address that gets the same decision (same rule, same action), in order.
+/// Connecting only to those keeps a `destination` rule true of where the bytes actually go.
+pub fn decide_destinations(
+    policy: &ListenerPolicy,
+    facts: &Facts<'_>,
+    addrs: &[SocketAddr],
+) -> (Decision, Vec<SocketAddr>) {
+    let decide_for = |addr: &SocketAddr| {
+        decide(
+            policy,
+            &Facts {
+                destination: Some(addr.ip()),
+                ..*facts
+            },
+        )
+    };
+    let Some(first) = addrs.first() else {
+        return (decide(policy, facts), Vec::new());
+    };
+    let decision = decide_for(first);
+    let approved = addrs
+        .iter()
+        .filter(|addr| decide_for(addr) == decision)
+        .copied()
+        .collect();
+    (decision, approved)
+}
+
 pub fn default_action(mode: Mode, transport: Transport) -> Action {
     match (mode, transport) {
         (_, Transport::Tls) => Action::Allow,
@@ -565,6 +594,25 @@ mod tests {
         assert_eq!(h("[::1]:443").as_deref(), Some("::1"));
         assert_eq!(h("a:b"), None);
         assert_eq!(h(""), None);
+    }
+
+    #[test]
+    fn destinations_are_decided_address_by_address() {
+        let mut r = rule("internal-plain", Action::Allow);
+        r.destination = vec!["10.0.0.0/8".parse().unwrap()];
+        let p = policy(Mode::Originate, vec![r]);
+        let f = facts(Transport::Plaintext);
+        let addrs: Vec<SocketAddr> = ["10.1.1.1:80", "192.0.2.1:80", "10.2.2.2:80"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let (d, approved) = decide_destinations(&p, &f, &addrs);
+        assert_eq!((d.rule, d.action), (Some(0), Action::Allow));
+        assert_eq!(approved, [addrs[0], addrs[2]]);
+        // A name whose first address is outside: upgraded, and only to the outside address.
+        let (d, approved) = decide_destinations(&p, &f, &addrs[1..]);
+        assert_eq!((d.rule, d.action), (None, Action::Upgrade));
+        assert_eq!(approved, [addrs[1]]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::config::UpstreamAddr;
 use crate::metrics::{HandshakeOutcome, Leg, ListenerMetrics, UpstreamFailure};
@@ -33,6 +33,9 @@ pub enum Security {
     LoopbackPlaintext,
     /// Plaintext by a narrowed `allow` rule of an originate listener.
     PlaintextException,
+    /// Raw TCP carrying the app's own TLS: only ever used for bytes that began with a TLS
+    /// ClientHello (a forward-proxy `CONNECT` tunnel).
+    Passthrough,
 }
 
 /// One upstream target and how to reach it.
@@ -49,18 +52,65 @@ impl Upstream {
         matches!(self.security, Security::Tls(_))
     }
 
-    /// Connects, counting any failure under its category.
-    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamFailure> {
-        let result = self.try_connect().await;
+    /// Resolves the host (at connect time, never cached) to the addresses this leg may use:
+    /// only loopback ones for a loopback plaintext leg.
+    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, UpstreamFailure> {
+        let result = timeout(self.timeout, self.lookup())
+            .await
+            .unwrap_or(Err(UpstreamFailure::Timeout));
         if let Err(failure) = result {
             self.metrics.upstream_error(failure);
         }
         result
     }
 
-    async fn try_connect(&self) -> Result<UpstreamStream, UpstreamFailure> {
+    async fn lookup(&self) -> Result<Vec<SocketAddr>, UpstreamFailure> {
+        let loopback_only = matches!(self.security, Security::LoopbackPlaintext);
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.addr.host.as_str(), self.addr.port))
+                .await
+                .map_err(|_| UpstreamFailure::Connect)?
+                .filter(|a| !loopback_only || a.ip().is_loopback())
+                .collect();
+        if addrs.is_empty() {
+            return Err(UpstreamFailure::Connect);
+        }
+        Ok(addrs)
+    }
+
+    /// Resolves and connects, trying every address in turn; counts any failure.
+    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamFailure> {
         let deadline = Instant::now() + self.timeout;
-        let tcp = timeout_at(deadline, self.connect_tcp())
+        let result = match timeout_at(deadline, self.lookup()).await {
+            Ok(Ok(addrs)) => self.try_connect(&addrs, deadline).await,
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(UpstreamFailure::Timeout),
+        };
+        if let Err(failure) = result {
+            self.metrics.upstream_error(failure);
+        }
+        result
+    }
+
+    /// Connects to one of `addrs` (already resolved, and approved by the policy), in turn;
+    /// counts any failure.
+    pub async fn connect_to(
+        &self,
+        addrs: &[SocketAddr],
+    ) -> Result<UpstreamStream, UpstreamFailure> {
+        let result = self.try_connect(addrs, Instant::now() + self.timeout).await;
+        if let Err(failure) = result {
+            self.metrics.upstream_error(failure);
+        }
+        result
+    }
+
+    async fn try_connect(
+        &self,
+        addrs: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<UpstreamStream, UpstreamFailure> {
+        let tcp = timeout_at(deadline, connect_any(addrs, &self.security))
             .await
             .map_err(|_| UpstreamFailure::Timeout)??;
         let Security::Tls(tls) = &self.security else {
@@ -90,23 +140,25 @@ impl Upstream {
             }
         }
     }
+}
 
-    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamFailure> {
-        let loopback_only = matches!(self.security, Security::LoopbackPlaintext);
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((self.addr.host.as_str(), self.addr.port))
-                .await
-                .map_err(|_| UpstreamFailure::Connect)?
-                .filter(|a| !loopback_only || a.ip().is_loopback())
-                .collect();
-        for addr in addrs {
-            if let Ok(stream) = TcpStream::connect(addr).await {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
+/// The first address of `addrs` that accepts a connection. A loopback plaintext leg never
+/// connects anywhere else, whoever resolved the addresses.
+async fn connect_any(
+    addrs: &[SocketAddr],
+    security: &Security,
+) -> Result<TcpStream, UpstreamFailure> {
+    let loopback_only = matches!(security, Security::LoopbackPlaintext);
+    for addr in addrs {
+        if loopback_only && !addr.ip().is_loopback() {
+            continue;
         }
-        Err(UpstreamFailure::Connect)
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            let _ = stream.set_nodelay(true);
+            return Ok(stream);
+        }
     }
+    Err(UpstreamFailure::Connect)
 }
 
 /// A connected upstream leg.
@@ -116,7 +168,7 @@ pub enum UpstreamStream {
 }
 
 impl UpstreamStream {
-    fn negotiated_h2(&self) -> bool {
+    pub fn negotiated_h2(&self) -> bool {
         match self {
             UpstreamStream::Plain(_) => false,
             UpstreamStream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
@@ -193,9 +245,51 @@ impl Connection for UpstreamStream {
     }
 }
 
-/// The hyper client's connector: whatever URI it is asked for, it connects to its one upstream.
+/// The forward proxy's connector: it connects to whatever the URI names. `https` URIs get
+/// verified TLS with the URI host as SNI; `http` URIs are plaintext, which the forward proxy
+/// builds only after a narrowed `allow` rule matched.
 #[derive(Clone)]
-pub struct Connector(pub Arc<Upstream>);
+pub struct DynamicConnector {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub timeout: Duration,
+    pub metrics: ListenerMetrics,
+}
+
+impl DynamicConnector {
+    /// The upstream a URI names, or `None` when it names no host.
+    pub fn upstream_for(&self, uri: &Uri) -> Option<Upstream> {
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let security = if tls {
+            let server_name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+            Security::Tls(UpstreamTls {
+                config: self.tls.clone(),
+                server_name,
+            })
+        } else {
+            Security::PlaintextException
+        };
+        Some(Upstream {
+            addr: UpstreamAddr {
+                host: host.to_ascii_lowercase(),
+                port,
+            },
+            security,
+            timeout: self.timeout,
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// The hyper client's connector.
+#[derive(Clone)]
+pub enum Connector {
+    /// Whatever URI it is asked for, it connects to its one upstream.
+    Fixed(Arc<Upstream>),
+    /// It connects to the host and port the URI names (forward proxy).
+    Dynamic(DynamicConnector),
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<UpstreamStream>;
@@ -207,8 +301,21 @@ impl tower_service::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let upstream = self.0.clone();
-        Box::pin(async move { upstream.connect().await.map(TokioIo::new) })
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self {
+            Connector::Fixed(upstream) => {
+                let upstream = upstream.clone();
+                Box::pin(async move { upstream.connect().await.map(TokioIo::new) })
+            }
+            Connector::Dynamic(dynamic) => {
+                let upstream = dynamic.upstream_for(&uri);
+                Box::pin(async move {
+                    match upstream {
+                        Some(upstream) => upstream.connect().await.map(TokioIo::new),
+                        None => Err(UpstreamFailure::Connect),
+                    }
+                })
+            }
+        }
     }
 }

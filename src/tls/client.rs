@@ -43,7 +43,7 @@ pub fn upstream_tls(listener: &ListenerConfig, host: &str) -> Result<UpstreamTls
     })
 }
 
-fn client_config(
+pub fn client_config(
     listener: &ListenerConfig,
     tls: Option<&UpstreamTlsConfig>,
 ) -> Result<Arc<ClientConfig>, String> {

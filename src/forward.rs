@@ -1,0 +1,289 @@
+//! Forward-proxy mode: an originate http listener without an `upstream`, for apps that set
+//! `HTTP_PROXY` and `HTTPS_PROXY`.
+//!
+//! - Absolute-form `http://host[:port]/…` requests are upgraded: sent to
+//!   `https://host[:port or 443]/…` with verified TLS, unless a narrowed `allow` rule matches.
+//! - `CONNECT host:port` answers 200, then looks at the first bytes inside the tunnel: a TLS
+//!   ClientHello is relayed as is (the app's own TLS); anything else is closed without a byte
+//!   reaching the target, unless a narrowed `allow` rule matches.
+//!
+//! `server_name` rules match the destination host, `destination` rules its resolved addresses.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
+
+use crate::detect::is_client_hello;
+use crate::http::{
+    ConnInfo, HttpProxy, Leg, PooledClient, ProxyBody, Via, failure_response, forbidden_by_rule,
+    forward, local, originate_leg, pooled_client, rewritten_path,
+};
+use crate::metrics::DecisionLabel;
+use crate::policy::{self, Action, Decision, Facts, Transport};
+use crate::upstream::{Connector, DynamicConnector, Security, Upstream};
+
+/// How many bytes tell a TLS ClientHello (record header + handshake type).
+const HELLO_PREFIX: usize = 6;
+
+/// The forward proxy's state: a pooled client keyed by destination.
+pub struct ForwardProxy {
+    client: PooledClient,
+    connector: DynamicConnector,
+}
+
+impl ForwardProxy {
+    pub fn new(connector: DynamicConnector) -> Self {
+        ForwardProxy {
+            client: pooled_client(Connector::Dynamic(connector.clone())),
+            connector,
+        }
+    }
+
+    /// An upstream for `host:port` with the given security.
+    fn upstream(&self, host: &str, port: u16, security: Security) -> Upstream {
+        Upstream {
+            addr: crate::config::UpstreamAddr {
+                host: host.to_owned(),
+                port,
+            },
+            security,
+            timeout: self.connector.timeout,
+            metrics: self.connector.metrics.clone(),
+        }
+    }
+}
+
+pub async fn handle(
+    proxy: &HttpProxy,
+    forward_proxy: &ForwardProxy,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        tunnel(proxy, forward_proxy, conn, req).await
+    } else {
+        absolute(proxy, forward_proxy, conn, req).await
+    }
+}
+
+/// The destination of a request target: a valid host name or IP, lowercase, and its port.
+fn destination(authority: &Authority) -> Option<(String, Option<u16>)> {
+    let host = policy::host_name(authority.as_str())?;
+    if !policy::is_dns_name(&host) && host.parse::<IpAddr>().is_err() {
+        return None;
+    }
+    Some((host.into_owned(), authority.port_u16()))
+}
+
+fn authority_for(host: &str, port: u16) -> Option<Authority> {
+    let text = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        _ => format!("{host}:{port}"),
+    };
+    Authority::try_from(text).ok()
+}
+
+fn not_a_proxy_request() -> Response<ProxyBody> {
+    local(
+        StatusCode::BAD_REQUEST,
+        "this listener is a forward proxy: send absolute-form http:// URLs (HTTP_PROXY) or CONNECT (HTTPS_PROXY)\n",
+    )
+}
+
+/// An absolute-form request: upgraded to https unless a narrowed rule allows plaintext.
+async fn absolute(
+    proxy: &HttpProxy,
+    fp: &ForwardProxy,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let uri = req.uri();
+    let asked_tls = match uri.scheme() {
+        Some(s) if *s == Scheme::HTTPS => true,
+        Some(s) if *s == Scheme::HTTP => false,
+        _ => return not_a_proxy_request(),
+    };
+    let Some((host, port)) = uri.authority().and_then(destination) else {
+        return not_a_proxy_request();
+    };
+    let tls_port = port.unwrap_or(443);
+    let normalized = policy::normalize_path(uri.path());
+    let facts = Facts {
+        transport: Transport::Plaintext,
+        source: Some(conn.source),
+        server_name: Some(&host),
+        path: normalized.as_deref(),
+        destination: None,
+        client_verified: false,
+    };
+    let (decision, approved) = if proxy.policy.needs_destination() {
+        let resolver = fp.upstream(&host, tls_port, Security::PlaintextException);
+        let addrs = match resolver.resolve().await {
+            Ok(addrs) => addrs,
+            Err(failure) => return failure_response(failure),
+        };
+        let (decision, approved) = policy::decide_destinations(&proxy.policy, &facts, &addrs);
+        (decision, Some(approved))
+    } else {
+        (policy::decide(&proxy.policy, &facts), None)
+    };
+    let decision = proxy.count(decision);
+    let rewritten = rewritten_path(normalized);
+
+    // An https:// URL stays TLS whatever the rule says; an http:// one is upgraded unless a
+    // narrowed rule allows it as is.
+    let (scheme, port) = match originate_leg(&decision) {
+        Leg::Refuse => return forbidden_by_rule(proxy, &decision),
+        Leg::Plaintext if !asked_tls => (Scheme::HTTP, port.unwrap_or(80)),
+        Leg::Tls | Leg::Plaintext => (Scheme::HTTPS, tls_port),
+    };
+    let Some(authority) = authority_for(&host, port) else {
+        return not_a_proxy_request();
+    };
+    match approved {
+        None => {
+            let via = Via::Pool(&fp.client);
+            forward(
+                proxy,
+                conn,
+                req,
+                rewritten.as_deref(),
+                scheme,
+                authority,
+                via,
+            )
+            .await
+        }
+        Some(addrs) => {
+            let uri = http::Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query("/")
+                .build();
+            let Some(upstream) = uri.ok().and_then(|u| fp.connector.upstream_for(&u)) else {
+                return not_a_proxy_request();
+            };
+            let addrs = addrs
+                .into_iter()
+                .map(|a| SocketAddr::new(a.ip(), port))
+                .collect();
+            let via = Via::Pinned(&upstream, addrs);
+            forward(
+                proxy,
+                conn,
+                req,
+                rewritten.as_deref(),
+                scheme,
+                authority,
+                via,
+            )
+            .await
+        }
+    }
+}
+
+/// `CONNECT host:port`: 200, then relay only a TLS ClientHello (or plaintext a rule allows).
+async fn tunnel(
+    proxy: &HttpProxy,
+    fp: &ForwardProxy,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some((host, Some(port))) = req.uri().authority().and_then(destination) else {
+        return local(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n");
+    };
+    let resolver = fp.upstream(&host, port, Security::Passthrough);
+    let addrs = match resolver.resolve().await {
+        Ok(addrs) => addrs,
+        Err(failure) => return failure_response(failure),
+    };
+    let facts = |transport| Facts {
+        transport,
+        source: Some(conn.source),
+        server_name: Some(&host),
+        path: None,
+        destination: None,
+        client_verified: false,
+    };
+    let (tls, tls_addrs) =
+        policy::decide_destinations(&proxy.policy, &facts(Transport::Tls), &addrs);
+    let (plain, plain_addrs) =
+        policy::decide_destinations(&proxy.policy, &facts(Transport::Plaintext), &addrs);
+    if tls.action == Action::Reject && !allows_plaintext(&plain) {
+        // Refused whatever the tunnel would carry: say so now, and open nothing.
+        return forbidden_by_rule(proxy, &proxy.count(tls));
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let metrics = proxy.metrics.clone();
+    let held = conn.held.clone();
+    let clock = conn.clock.clone();
+    let idle = conn.idle_timeout;
+    let first_bytes_deadline = Instant::now() + fp.connector.timeout;
+    let passthrough = fp.upstream(&host, port, Security::Passthrough);
+    let exception = fp.upstream(&host, port, Security::PlaintextException);
+    conn.tasks.spawn(async move {
+        let _held = held;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut client = TokioIo::new(upgraded);
+        let prefix = read_prefix(&mut client, HELLO_PREFIX, first_bytes_deadline).await;
+        let (upstream, addrs) = if is_client_hello(&prefix) {
+            metrics.decision(tls.rule, tls.label());
+            if tls.action == Action::Reject {
+                return;
+            }
+            (passthrough, tls_addrs)
+        } else if allows_plaintext(&plain) {
+            metrics.decision(plain.rule, plain.label());
+            (exception, plain_addrs)
+        } else {
+            // A tunnel must carry TLS; plaintext is refused (a tunnel cannot be upgraded),
+            // counted under the rule that decided it.
+            metrics.decision(plain.rule, DecisionLabel::Reject);
+            return;
+        };
+        let Ok(mut upstream) = upstream.connect_to(&addrs).await else {
+            return;
+        };
+        if upstream.write_all(&prefix).await.is_err() {
+            return;
+        }
+        crate::relay::relay(client, upstream, &clock, idle).await;
+    });
+    let mut response = Response::new(Either::Right(Full::default()));
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Plaintext leaves the host only by an explicit, narrowed `allow` — never by audit.
+fn allows_plaintext(decision: &Decision) -> bool {
+    decision.action == Action::Allow && !decision.audited
+}
+
+/// Reads until `want` bytes arrived, the peer stopped sending, or the deadline passed.
+async fn read_prefix<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    want: usize,
+    deadline: Instant,
+) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(want);
+    let _ = timeout_at(deadline, async {
+        let mut buf = vec![0u8; want];
+        while prefix.len() < want {
+            match reader.read(&mut buf[..want - prefix.len()]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => prefix.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    prefix
+}
