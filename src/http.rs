@@ -111,7 +111,7 @@ pub enum Route {
         tls: HttpUpstream,
         /// Plaintext, used only when a narrowed `allow` rule matches; `None` when no rule of
         /// the listener could allow plaintext.
-        plaintext_exception: Option<HttpUpstream>,
+        plaintext_exception: Option<Box<HttpUpstream>>,
     },
     /// An originate listener without an upstream: a forward proxy for `HTTP_PROXY`.
     Forward(ForwardProxy),
@@ -184,7 +184,7 @@ pub async fn handle(
         Route::Originate {
             tls,
             plaintext_exception,
-        } => originate(proxy, tls, plaintext_exception.as_ref(), conn, req).await,
+        } => originate(proxy, tls, plaintext_exception.as_deref(), conn, req).await,
         Route::Forward(forward) => crate::forward::handle(proxy, forward, conn, req).await,
     };
     if conn.transport == Transport::Tls

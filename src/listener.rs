@@ -138,7 +138,7 @@ impl ListenerState {
                     }
                     (Mode::Originate, Some((upstream, exception))) => Route::Originate {
                         tls: HttpUpstream::new(upstream),
-                        plaintext_exception: exception.map(HttpUpstream::new),
+                        plaintext_exception: exception.map(|e| Box::new(HttpUpstream::new(e))),
                     },
                     // Validation guarantees terminate listeners have an upstream.
                     (_, None) => {

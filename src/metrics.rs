@@ -447,7 +447,7 @@ impl Metrics {
             })
             .collect();
 
-        ListenerMetrics {
+        ListenerMetrics(Arc::new(Series {
             connections: [transport(Transport::Tls), transport(Transport::Plaintext)],
             active: self.active.get_or_create_owned(&ListenerLabels {
                 listener: listener(),
@@ -463,7 +463,7 @@ impl Metrics {
                 listener: listener(),
             }),
             cert_expiry,
-        }
+        }))
     }
 
     pub fn reload(&self, outcome: ReloadOutcome) {
@@ -483,9 +483,12 @@ impl Metrics {
     }
 }
 
-/// Handles to every series of one listener; cloning one is cheap.
+/// Handles to every series of one listener; cloning one is one reference count.
 #[derive(Clone)]
-pub struct ListenerMetrics {
+pub struct ListenerMetrics(Arc<Series>);
+
+/// The series of one listener.
+struct Series {
     /// Indexed by [`Transport`] (`tls`, `plaintext`).
     connections: [Counter; 2],
     active: Gauge,
@@ -503,52 +506,52 @@ pub struct ListenerMetrics {
 
 impl ListenerMetrics {
     pub fn connection(&self, transport: Transport) {
-        self.connections[transport as usize].inc();
+        self.0.connections[transport as usize].inc();
     }
 
     /// Counts an open connection until the returned guard is dropped.
     pub fn active_guard(&self) -> ActiveGuard {
-        self.active.inc();
-        ActiveGuard(self.active.clone())
+        self.0.active.inc();
+        ActiveGuard(self.0.active.clone())
     }
 
     /// `rule` is the index of the listener's rule that matched, or `None` for the default.
     pub fn decision(&self, rule: Option<usize>, label: DecisionLabel) {
         let row = rule.map_or(0, |index| index + 1);
-        if let Some(counters) = self.decisions.get(row) {
+        if let Some(counters) = self.0.decisions.get(row) {
             counters[label.index()].inc();
         }
     }
 
     pub fn handshake(&self, leg: Leg, outcome: HandshakeOutcome) {
-        self.handshakes[leg as usize][outcome as usize].inc();
+        self.0.handshakes[leg as usize][outcome as usize].inc();
     }
 
     pub fn session(&self, leg: Leg, version: TlsVersion, group: KxGroup) {
-        self.sessions[leg as usize][version as usize][group as usize].inc();
+        self.0.sessions[leg as usize][version as usize][group as usize].inc();
     }
 
     pub fn upstream_error(&self, failure: UpstreamFailure) {
-        self.upstream_errors[failure as usize].inc();
+        self.0.upstream_errors[failure as usize].inc();
     }
 
     /// Counts a response sent to a client by its status class.
     pub fn response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].inc();
+        self.0.responses[class].inc();
     }
 
     /// The counters a client connection's byte meter adds to.
     pub fn byte_counters(&self) -> (Counter, Counter) {
-        (self.bytes_in.clone(), self.bytes_out.clone())
+        (self.0.bytes_in.clone(), self.0.bytes_out.clone())
     }
 
     pub fn overload(&self) {
-        self.overload.inc();
+        self.0.overload.inc();
     }
 
     pub fn set_cert_expiry(&self, index: usize, not_after_unix: i64) {
-        if let Some(gauge) = self.cert_expiry.get(index) {
+        if let Some(gauge) = self.0.cert_expiry.get(index) {
             gauge.set(not_after_unix);
         }
     }
@@ -557,12 +560,13 @@ impl ListenerMetrics {
     pub fn snapshot(&self) -> String {
         let sum = |counters: &[Counter]| counters.iter().map(Counter::get).sum::<u64>();
         let mut decisions = [0u64; 4];
-        for row in &self.decisions {
+        for row in &self.0.decisions {
             for (total, counter) in decisions.iter_mut().zip(row) {
                 *total += counter.get();
             }
         }
         let failed_handshakes: u64 = self
+            .0
             .handshakes
             .iter()
             .map(|leg| leg[1].get() + leg[2].get())
@@ -573,19 +577,19 @@ impl ListenerMetrics {
             "connections_tls={} connections_plaintext={} active={} allow={} upgrade={} \
              reject={} audit={} handshakes_failed={} upstream_errors={} responses={} \
              bytes_in={} bytes_out={} overload={}",
-            self.connections[0].get(),
-            self.connections[1].get(),
-            self.active.get(),
+            self.0.connections[0].get(),
+            self.0.connections[1].get(),
+            self.0.active.get(),
             decisions[0],
             decisions[1],
             decisions[2],
             decisions[3],
             failed_handshakes,
-            sum(&self.upstream_errors),
-            sum(&self.responses),
-            self.bytes_in.get(),
-            self.bytes_out.get(),
-            self.overload.get(),
+            sum(&self.0.upstream_errors),
+            sum(&self.0.responses),
+            self.0.bytes_in.get(),
+            self.0.bytes_out.get(),
+            self.0.overload.get(),
         );
         out
     }
