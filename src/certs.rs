@@ -64,17 +64,28 @@ impl Authority {
 
     /// A server certificate for `names` (DNS names or IP addresses), valid for a year.
     pub fn issue_server(&self, names: &[String]) -> Result<Issued, CertsError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_server_valid(names, now - Duration::days(1), now + Duration::days(365))
+    }
+
+    /// A server certificate valid from `not_before` to `not_after` (tests make expired and
+    /// soon-expiring ones with it).
+    pub fn issue_server_valid(
+        &self,
+        names: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, CertsError> {
         let mut params = CertificateParams::new(names.to_vec())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "ciphergate".into()),
-        );
+        let common_name = names.first().map_or("ciphergate", String::as_str);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(params, 365)
+        params.not_before = not_before;
+        params.not_after = not_after;
+        self.issue(params)
     }
 
     /// A client certificate for mTLS, valid for a year.
@@ -83,13 +94,13 @@ impl Authority {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params, 365)
-    }
-
-    fn issue(&self, mut params: CertificateParams, days: i64) -> Result<Issued, CertsError> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(days);
+        params.not_after = now + Duration::days(365);
+        self.issue(params)
+    }
+
+    fn issue(&self, mut params: CertificateParams) -> Result<Issued, CertsError> {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -43,6 +43,18 @@ pub fn is_client_hello(bytes: &[u8]) -> bool {
     }
 }
 
+/// Whether `bytes` could still be the start of a ClientHello: false as soon as one byte
+/// rules it out, so a reader can stop waiting for more.
+pub fn may_become_client_hello(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().all(|(i, b)| match i {
+        0 => *b == HANDSHAKE_RECORD,
+        1 => *b == 0x03,
+        2 => *b <= 0x04,
+        5 => *b == CLIENT_HELLO,
+        _ => true,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +66,16 @@ mod tests {
         assert!(!is_client_hello(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x02]));
         assert!(!is_client_hello(&[0x16, 0x03]));
         assert!(!is_client_hello(&[0x17, 0x03, 0x03, 0x00, 0x10, 0x01]));
+    }
+
+    #[test]
+    fn a_prefix_is_ruled_out_early() {
+        assert!(may_become_client_hello(&[]));
+        assert!(may_become_client_hello(&[0x16, 0x03]));
+        assert!(!may_become_client_hello(b"p"));
+        assert!(!may_become_client_hello(&[0x16, 0x02]));
+        assert!(!may_become_client_hello(&[
+            0x16, 0x03, 0x01, 0x00, 0x10, 0x02
+        ]));
     }
 }

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::detect::is_client_hello;
+use crate::detect::{is_client_hello, may_become_client_hello};
 use crate::http::{
     ConnInfo, HttpProxy, Leg, PooledClient, ProxyBody, Via, failure_response, forbidden_by_rule,
     forward, local, originate_leg, pooled_client, rewritten_path,
@@ -198,11 +198,16 @@ async fn tunnel(
     let Some((host, Some(port))) = req.uri().authority().and_then(destination) else {
         return local(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n");
     };
+    // Resolve first only when a rule tests the resolved address; otherwise refuse a
+    // destination the policy rejects before looking it up.
     let resolver = fp.upstream(&host, port, Security::Passthrough);
-    let addrs = match resolver.resolve().await {
-        Ok(addrs) => addrs,
-        Err(failure) => return failure_response(failure),
-    };
+    let mut addrs = None;
+    if proxy.policy.needs_destination() {
+        match resolver.resolve().await {
+            Ok(resolved) => addrs = Some(resolved),
+            Err(failure) => return failure_response(failure),
+        }
+    }
     let facts = |transport| Facts {
         transport,
         source: Some(conn.source),
@@ -211,14 +216,29 @@ async fn tunnel(
         destination: None,
         client_verified: false,
     };
-    let (tls, tls_addrs) =
-        policy::decide_destinations(&proxy.policy, &facts(Transport::Tls), &addrs);
-    let (plain, plain_addrs) =
-        policy::decide_destinations(&proxy.policy, &facts(Transport::Plaintext), &addrs);
+    let decide = |transport| match &addrs {
+        Some(addrs) => {
+            let (decision, approved) =
+                policy::decide_destinations(&proxy.policy, &facts(transport), addrs);
+            (decision, Some(approved))
+        }
+        None => (policy::decide(&proxy.policy, &facts(transport)), None),
+    };
+    let (tls, tls_addrs) = decide(Transport::Tls);
+    let (plain, plain_addrs) = decide(Transport::Plaintext);
     if tls.action == Action::Reject && !allows_plaintext(&plain) {
         // Refused whatever the tunnel would carry: say so now, and open nothing.
         return forbidden_by_rule(proxy, &proxy.count(tls));
     }
+    let resolved = match addrs {
+        Some(addrs) => addrs,
+        None => match resolver.resolve().await {
+            Ok(addrs) => addrs,
+            Err(failure) => return failure_response(failure),
+        },
+    };
+    let tls_addrs = tls_addrs.unwrap_or_else(|| resolved.clone());
+    let plain_addrs = plain_addrs.unwrap_or(resolved);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let metrics = proxy.metrics.clone();
@@ -268,7 +288,8 @@ fn allows_plaintext(decision: &Decision) -> bool {
     decision.action == Action::Allow && !decision.audited
 }
 
-/// Reads until `want` bytes arrived, the peer stopped sending, or the deadline passed.
+/// Reads until `want` bytes arrived, the bytes can no longer start a ClientHello, the peer
+/// stopped sending, or the deadline passed.
 async fn read_prefix<R: AsyncRead + Unpin>(
     reader: &mut R,
     want: usize,
@@ -277,7 +298,7 @@ async fn read_prefix<R: AsyncRead + Unpin>(
     let mut prefix = Vec::with_capacity(want);
     let _ = timeout_at(deadline, async {
         let mut buf = vec![0u8; want];
-        while prefix.len() < want {
+        while prefix.len() < want && may_become_client_hello(&prefix) {
             match reader.read(&mut buf[..want - prefix.len()]).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => prefix.extend_from_slice(&buf[..n]),

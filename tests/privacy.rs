@@ -37,6 +37,7 @@ async fn nothing_traffic_derived_reaches_logs_or_metrics() {
         .unwrap()
         .local_addr()
         .unwrap();
+    let (tls_up, _) = TlsUpstream::new(&server).http().await;
 
     let config = format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[log]\nlevel = \"trace\"\nformat = \"json\"\ncounters_every = \"1s\"\n\n\
@@ -45,10 +46,13 @@ async fn nothing_traffic_derived_reaches_logs_or_metrics() {
            [listener.client_auth]\n  ca = \"{ca}\"\n  mode = \"optional\"\n\n\
          [[listener]]\nname = \"bytes\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"{echo}\"\n{certs}\n\
          [[listener]]\nname = \"broken\"\nbind = \"127.0.0.1:0\"\nupstream = \"{dead}\"\n{certs}\n\
+         [[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nmode = \"originate\"\n  [listener.upstream_tls]\n  ca = \"{ca}\"\n\n\
+         [[listener]]\nname = \"api\"\nbind = \"127.0.0.1:0\"\nmode = \"originate\"\nupstream = \"localhost:{tls_port}\"\n  [listener.upstream_tls]\n  ca = \"{ca}\"\n\n\
          [[rule]]\nname = \"health\"\nlisteners = [\"web\"]\ntransport = \"plaintext\"\nsource = [\"127.0.0.2/32\"]\npath_prefix = [\"/{MARK}-health\"]\naction = \"allow\"\n\n\
          [[rule]]\nname = \"redirect\"\nlisteners = [\"web\"]\ntransport = \"plaintext\"\nserver_name = [\"www.{MARK}-host.test\"]\naction = \"upgrade\"\n",
         certs = ws.certs_table(),
         ca = ws.p("ca.crt"),
+        tls_port = tls_up.port(),
     );
     let proxy = ProxyProcess::start_with_env(&ws.config(&config), &[("RUST_LOG", "trace")]);
     let web = proxy.addr("web");
@@ -168,6 +172,34 @@ async fn nothing_traffic_derived_reaches_logs_or_metrics() {
         secrets.push(format!("127.0.0.{i}"));
     }
 
+    // The app's way out: a fixed egress, and the forward proxy with absolute-form URLs (one
+    // served over TLS, one to a name that does not resolve) and CONNECT tunnels (TLS refused by
+    // the stranger CA, plaintext refused, and a name that does not resolve).
+    let mut app =
+        H1::new(connect_from("127.0.0.26".parse().unwrap(), proxy.addr("api")).await).await;
+    let _ = app.get("localhost", &format!("/{MARK}-egress-path")).await;
+    for url in [
+        format!("http://localhost:{}/{MARK}-forwarded", tls_up.port()),
+        format!("http://{MARK}-nowhere.invalid/{MARK}-lost"),
+    ] {
+        let mut h1 =
+            H1::new(connect_from("127.0.0.27".parse().unwrap(), proxy.addr("out")).await).await;
+        let _ = h1.get(&format!("{MARK}-proxy-host"), &url).await;
+    }
+    for (target, payload) in [
+        (echo.to_string(), format!("{MARK} plaintext in a tunnel")),
+        (format!("{MARK}-tunnel.invalid:443"), String::new()),
+        (tls_up.to_string(), String::new()),
+    ] {
+        let mut raw = connect_from("127.0.0.28".parse().unwrap(), proxy.addr("out")).await;
+        client_ports.insert(raw.local_addr().unwrap().port());
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n{payload}");
+        let _ = exchange_raw(&mut raw, connect.as_bytes()).await;
+    }
+    for i in 26..29 {
+        secrets.push(format!("127.0.0.{i}"));
+    }
+
     // Wait for a counter snapshot taken after all of it, so snapshots are searched too.
     let after = proxy.logs().len();
     assert!(
@@ -243,7 +275,7 @@ fn check_log_fields(logs: &[String]) {
         }
         if let Some(listener) = object.get("listener") {
             assert!(
-                ["web", "bytes", "broken"].contains(&listener.as_str().unwrap()),
+                ["web", "bytes", "broken", "out", "api"].contains(&listener.as_str().unwrap()),
                 "{line}"
             );
         }
@@ -254,7 +286,7 @@ fn check_log_fields(logs: &[String]) {
 fn check_metric_labels(metrics: &str) {
     let values = |label: &str| -> &'static [&'static str] {
         match label {
-            "listener" => &["web", "bytes", "broken"],
+            "listener" => &["web", "bytes", "broken", "out", "api"],
             "rule" => &["default", "health", "redirect"],
             "transport" => &["tls", "plaintext"],
             "action" => &["allow", "upgrade", "reject", "audit"],

@@ -312,6 +312,7 @@ pub struct Seen {
 
 #[derive(Clone, Debug)]
 pub struct SeenRequest {
+    pub version: http::Version,
     pub method: String,
     pub path_and_query: String,
     pub headers: http::HeaderMap,
@@ -431,6 +432,7 @@ async fn answer(mut req: Request<Incoming>, seen: &Seen) -> Response<Full<Bytes>
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
     seen.requests.lock().unwrap().push(SeenRequest {
+        version: parts.version,
         method: parts.method.to_string(),
         path_and_query: path.clone(),
         headers: parts.headers.clone(),
@@ -656,4 +658,134 @@ pub async fn run_async(mut command: Command) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || run(&mut command))
         .await
         .unwrap()
+}
+
+/// How a TLS test upstream behaves.
+pub struct TlsUpstream<'a> {
+    /// The certificate it serves.
+    pub cert: &'a Issued,
+    /// ALPN protocols it accepts; `h2` makes it speak HTTP/2.
+    pub alpn: &'a [&'a str],
+    /// A CA PEM: when set, a client certificate signed by it is required.
+    pub client_ca: Option<&'a str>,
+    /// Serve TLS 1.2 only.
+    pub tls12_only: bool,
+}
+
+impl<'a> TlsUpstream<'a> {
+    pub fn new(cert: &'a Issued) -> Self {
+        TlsUpstream {
+            cert,
+            alpn: &["http/1.1"],
+            client_ca: None,
+            tls12_only: false,
+        }
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let chain = vec![CertificateDer::from_pem_slice(self.cert.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(self.cert.key_pem.as_bytes()).unwrap();
+        let versions: &[&rustls::SupportedProtocolVersion] = if self.tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let builder = rustls::ServerConfig::builder_with_provider(ciphergate::tls::provider())
+            .with_protocol_versions(versions)
+            .unwrap();
+        let builder = match self.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    ciphergate::tls::provider(),
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// Serves HTTP (1.1, or 2 when negotiated) over TLS, recording requests like
+    /// [`http_upstream`].
+    pub async fn http(self) -> (SocketAddr, Arc<Seen>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server_config());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let state = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
+                let io = CountingStream {
+                    inner: stream,
+                    seen: state.clone(),
+                };
+                let seen = state.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(io).await else {
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(req, &seen).await) }
+                    });
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Echoes bytes over TLS, counting the plaintext it receives.
+    pub async fn echo(self) -> (SocketAddr, Arc<Seen>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server_config());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let state = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
+                let seen = state.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                        if tls.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
 }
