@@ -486,3 +486,66 @@ async fn a_narrowed_rule_is_the_only_way_plaintext_leaves() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_only_speaks_tls_1_1_is_refused() {
+    let ws = Workspace::new();
+    // openssl plays the outdated server; it needs a fixed port, so take a free one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .args(["-cert", &ws.p("server.crt"), "-key", &ws.p("server.key")])
+        .args(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0", "-www"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let stdout = server.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("ACCEPT"))
+    });
+    assert!(
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+
+    let config = format!(
+        "{}{}",
+        preamble("info"),
+        egress(
+            "old",
+            &format!("localhost:{port}"),
+            &upstream_tls(&ws.p("ca.crt"), "")
+        )
+    );
+    let proxy = ProxyProcess::start(&ws.config(&config));
+    let (status, body) = app_get(&proxy, "old", "/").await;
+    let _ = server.kill();
+    assert_eq!(
+        (status, body.trim()),
+        (StatusCode::BAD_GATEWAY, "upstream tls handshake failed")
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_tls_handshakes_total",
+            &[
+                ("listener", "old"),
+                ("leg", "upstream"),
+                ("outcome", "failed")
+            ]
+        ),
+        1.0
+    );
+}
