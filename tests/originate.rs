@@ -532,6 +532,7 @@ async fn an_upstream_that_only_speaks_tls_1_1_is_refused() {
     let proxy = ProxyProcess::start(&ws.config(&config));
     let (status, body) = app_get(&proxy, "old", "/").await;
     let _ = server.kill();
+    let _ = server.wait();
     assert_eq!(
         (status, body.trim()),
         (StatusCode::BAD_GATEWAY, "upstream tls handshake failed")
