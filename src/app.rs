@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
 use crate::config::{self, Config};
-use crate::listener::{self, BuildError, ListenerState};
+use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,12 +126,17 @@ impl Proxy {
             .iter()
             .zip(sockets)
             .map(|(l, socket)| {
+                let running = self.running(&l.name, l.bind);
                 let bound = match socket {
                     Some(socket) => socket.local_addr().ok(),
-                    None => self.running(&l.name, l.bind).map(|h| h.local_addr),
+                    None => running.map(|h| h.local_addr),
                 };
                 let port = bound.map_or(l.bind.port(), |a| a.port());
-                ListenerState::build(l, port, &self.metrics).map_err(AppError::from)
+                let limit = match running {
+                    Some(h) => h.state.load().limit.clone(),
+                    None => ConnectionLimit::new(l.settings.max_connections),
+                };
+                ListenerState::build(l, port, limit, &self.metrics).map_err(AppError::from)
             })
             .collect()
     }
@@ -192,6 +197,8 @@ impl Proxy {
                 Some(socket) => self.spawn_listener(socket, state),
                 None => {
                     if let Some(h) = self.listeners.iter().find(|h| h.name == state.name) {
+                        // The limit carries over; its new maximum applies from now.
+                        state.limit.set_max(state.settings.max_connections);
                         h.state.store(Arc::new(state));
                     }
                 }

@@ -28,6 +28,13 @@ use crate::policy::{
 };
 use crate::tls::MinTlsVersion;
 
+/// The longest duration any setting accepts; beyond it timers overflow, and no timeout of a
+/// proxy needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The most connections one listener may be configured for.
+pub const MAX_CONNECTIONS: u64 = 1_000_000;
+
 /// How long before expiry `check` starts warning about a certificate.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -299,9 +306,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Some("json") => Figment::from(Json::file_exact(path)),
         _ => Figment::from(Toml::file_exact(path)),
     };
+    // Only `CIPHERGATE_<SECTION>__<KEY>` variables are settings. Others with the prefix are
+    // not ours: `CIPHERGATE_CONFIG`, and the `CIPHERGATE_SERVICE_HOST`-style variables
+    // Kubernetes injects for a Service of that name.
     let figment = format.merge(
         Env::prefixed("CIPHERGATE_")
-            .filter(|key| key != "config")
+            .filter(|key| key.as_str().contains("__"))
             .split("__"),
     );
     let root: Dict = figment.extract().map_err(|e| {
@@ -484,6 +494,10 @@ impl Ctx<'_> {
         let value = table.raw(key)?;
         let path = table.key(key);
         match value.as_str().map(humantime::parse_duration) {
+            Some(Ok(d)) if d > MAX_DURATION => {
+                self.error(Some(value), &path, "must be at most 7 days");
+                None
+            }
             Some(Ok(d)) => Some(d),
             Some(Err(e)) => {
                 self.error(Some(value), &path, format!("invalid duration: {e}"));
@@ -673,9 +687,13 @@ impl Ctx<'_> {
             s.drain_timeout = v;
         }
         if let Some(v) = self.get::<u64>(t, "max_connections") {
-            if v == 0 {
+            if v == 0 || v > MAX_CONNECTIONS {
                 let value = t.dict.get("max_connections");
-                self.error(value, &t.key("max_connections"), "must be at least 1");
+                self.error(
+                    value,
+                    &t.key("max_connections"),
+                    format!("must be at least 1 and at most {MAX_CONNECTIONS}"),
+                );
             } else {
                 s.max_connections = usize::try_from(v).unwrap_or(usize::MAX);
             }
@@ -789,14 +807,27 @@ impl Ctx<'_> {
         if !terminate
             && upstream.is_none()
             && let Some(Value::Dict(_, tls)) = t.dict.get("upstream_tls")
-            && let Some(value) = tls.get("server_name")
         {
-            self.error(
-                Some(value),
-                &format!("{}.server_name", t.key("upstream_tls")),
-                "a forward proxy verifies each destination by its own name; server_name applies \
-                 only with a fixed upstream",
-            );
+            for (key, reason) in [
+                (
+                    "server_name",
+                    "a forward proxy verifies each destination by its own name; server_name \
+                     applies only with a fixed upstream",
+                ),
+                (
+                    "client_cert",
+                    "a forward proxy would present this certificate to every destination the app \
+                     names; client certificates need a fixed upstream",
+                ),
+            ] {
+                if let Some(value) = tls.get(key) {
+                    self.error(
+                        Some(value),
+                        &format!("{}.{key}", t.key("upstream_tls")),
+                        reason,
+                    );
+                }
+            }
         }
         if terminate && protocol == Protocol::Tcp && t.dict.contains_key("redirect_port") {
             let value = t.dict.get("redirect_port");
@@ -1133,6 +1164,7 @@ impl Ctx<'_> {
         let action = self.required::<Action>(&mut t, "action");
         let action_value = t.dict.get("action").cloned();
         let t_has_destination = t.dict.contains_key("destination");
+        let mut plaintext_allow_by_source_only = false;
         let t_has_path_prefix = t.dict.contains_key("path_prefix");
         self.finish(t);
 
@@ -1144,12 +1176,14 @@ impl Ctx<'_> {
                     "`upgrade` applies to plaintext; a rule with transport = \"tls\" cannot upgrade",
                 );
             }
-            let narrowed = source.iter().flatten().any(|n| n.prefix_len() > 0)
-                || destination.iter().flatten().any(|n| n.prefix_len() > 0)
+            let narrowed_beyond_source = cidrs_narrow(destination.as_deref())
                 || !server_name.is_empty()
                 || path_prefix.iter().any(|p| p != "/");
+            let narrowed = narrowed_beyond_source || cidrs_narrow(source.as_deref());
             let plaintext_possible =
                 transport != Some(Transport::Tls) && client_verified != Some(true);
+            plaintext_allow_by_source_only =
+                action == Action::Allow && plaintext_possible && !narrowed_beyond_source;
             if action == Action::Allow && plaintext_possible && !narrowed {
                 self.error(
                     action_value.as_ref(),
@@ -1174,6 +1208,7 @@ impl Ctx<'_> {
             _ => None,
         };
         RuleEntry {
+            plaintext_allow_by_source_only,
             has_destination: t_has_destination,
             has_path_prefix: t_has_path_prefix,
             key_path,
@@ -1291,6 +1326,20 @@ impl Ctx<'_> {
                     );
                 }
             }
+            if rule.plaintext_allow_by_source_only
+                && let Some(l) = covered.iter().find(|l| l.mode == Mode::Originate)
+            {
+                self.error(
+                    None,
+                    &key("action"),
+                    format!(
+                        "a plaintext `allow` on originate listener `{}` must be narrowed by \
+                         destination, server_name or path_prefix: every connection there comes \
+                         from the local app, so source narrows nothing",
+                        l.name.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
             if rule.has_destination && covered.iter().all(|l| l.mode != Mode::Originate) {
                 self.error(
                     None,
@@ -1345,6 +1394,9 @@ struct RuleEntry {
     action: Option<Action>,
     has_destination: bool,
     has_path_prefix: bool,
+    /// A plaintext `allow` whose only narrowing is `source`: not narrow on an originate
+    /// listener, where every connection comes from the local app.
+    plaintext_allow_by_source_only: bool,
     rule: Option<Rule>,
 }
 
@@ -1353,6 +1405,17 @@ impl RuleEntry {
         self.listeners
             .as_ref()
             .is_none_or(|names| names.iter().any(|n| n == listener))
+    }
+}
+
+/// Whether a list of CIDRs leaves some address out: `0.0.0.0/1` + `128.0.0.0/1` is as blanket
+/// as `0.0.0.0/0`.
+fn cidrs_narrow(nets: Option<&[IpNet]>) -> bool {
+    match nets {
+        Some(nets) if !nets.is_empty() => IpNet::aggregate(&nets.to_vec())
+            .iter()
+            .all(|net| net.prefix_len() > 0),
+        _ => false,
     }
 }
 

@@ -21,8 +21,8 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::detect::{is_client_hello, may_become_client_hello};
 use crate::http::{
-    ConnInfo, HttpProxy, Leg, PooledClient, ProxyBody, Via, failure_response, forbidden_by_rule,
-    forward, local, originate_leg, pooled_client, rewritten_path,
+    ConnInfo, HostHeader, HttpProxy, Leg, PooledClient, ProxyBody, Via, failure_response,
+    forbidden_by_rule, forward, local, malformed, originate_leg, pooled_client, rewritten_path,
 };
 use crate::metrics::DecisionLabel;
 use crate::policy::{self, Action, Decision, Facts, Transport};
@@ -103,6 +103,9 @@ async fn absolute(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if let Some(refusal) = malformed(proxy, &req) {
+        return refusal;
+    }
     let uri = req.uri();
     let asked_tls = match uri.scheme() {
         Some(s) if *s == Scheme::HTTPS => true,
@@ -154,6 +157,7 @@ async fn absolute(
                 conn,
                 req,
                 rewritten.as_deref(),
+                HostHeader::Destination,
                 scheme,
                 authority,
                 via,
@@ -179,6 +183,7 @@ async fn absolute(
                 conn,
                 req,
                 rewritten.as_deref(),
+                HostHeader::Destination,
                 scheme,
                 authority,
                 via,
@@ -254,8 +259,10 @@ async fn tunnel(
             return;
         };
         let mut client = TokioIo::new(upgraded);
-        let prefix = read_prefix(&mut client, HELLO_PREFIX, first_bytes_deadline).await;
-        let (upstream, addrs) = if is_client_hello(&prefix) {
+        let mut prefix = read_prefix(&mut client, HELLO_PREFIX, first_bytes_deadline).await;
+        let hello = is_client_hello(&prefix)
+            && complete_client_hello(&mut client, &mut prefix, first_bytes_deadline).await;
+        let (upstream, addrs) = if hello {
             metrics.decision(tls.rule, tls.label());
             if tls.action == Action::Reject {
                 return;
@@ -281,6 +288,42 @@ async fn tunnel(
     let mut response = Response::new(Either::Right(Full::default()));
     *response.status_mut() = StatusCode::OK;
     response
+}
+
+/// Reads the rest of the first TLS record and has rustls parse it: only a well-formed
+/// ClientHello makes a tunnel TLS, not six bytes that merely look like one. Everything read is
+/// kept in `prefix`, to be sent on first.
+async fn complete_client_hello<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    prefix: &mut Vec<u8>,
+    deadline: Instant,
+) -> bool {
+    const RECORD_HEADER: usize = 5;
+    // A TLS record holds at most 2^14 bytes of plaintext.
+    const MAX_RECORD: usize = RECORD_HEADER + (1 << 14);
+    let length = usize::from(u16::from_be_bytes([prefix[3], prefix[4]]));
+    let record = RECORD_HEADER + length;
+    if record > MAX_RECORD {
+        return false;
+    }
+    let read_all = timeout_at(deadline, async {
+        let mut buf = [0u8; 4096];
+        while prefix.len() < record {
+            let want = (record - prefix.len()).min(buf.len());
+            match reader.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => prefix.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    if read_all != Ok(true) {
+        return false;
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut bytes: &[u8] = prefix;
+    acceptor.read_tls(&mut bytes).is_ok() && matches!(acceptor.accept(), Ok(Some(_)))
 }
 
 /// Plaintext leaves the host only by an explicit, narrowed `allow` — never by audit.

@@ -65,6 +65,9 @@ pub struct HttpUpstream {
     client: PooledClient,
     scheme: Scheme,
     authority: Authority,
+    /// The Host an originate listener sends: the upstream's name, with its port unless it is
+    /// the scheme's default.
+    host_header: HeaderValue,
 }
 
 impl HttpUpstream {
@@ -76,7 +79,16 @@ impl HttpUpstream {
         };
         let authority = Authority::try_from(target.addr.authority())
             .expect("a validated upstream address is a valid authority");
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host_header = if target.addr.port == default_port {
+            authority.host().to_owned()
+        } else {
+            authority.as_str().to_owned()
+        };
+        let host_header = HeaderValue::try_from(host_header)
+            .expect("a validated upstream address is a valid header value");
         HttpUpstream {
+            host_header,
             client: pooled_client(Connector::Fixed(target.clone())),
             target,
             scheme,
@@ -215,11 +227,24 @@ async fn terminate(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if let Some(refusal) = malformed(proxy, &req) {
+        return refusal;
+    }
     // The path and host borrow the request; decide in a scope of their own so the request can
     // be moved on afterwards.
     let (decision, rewritten) = {
         let normalized = policy::normalize_path(req.uri().path());
         let host = request_host(&req).and_then(policy::host_name);
+        // On TLS the policy decides by SNI: a request for another host on this connection
+        // (h2 coalescing, or a deliberate mismatch) must come on its own connection.
+        if let (Some(sni), Some(host)) = (conn.sni.as_deref(), host.as_deref())
+            && sni != host
+        {
+            return local(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this connection is for another host\n",
+            );
+        }
         let server_name = match conn.transport {
             Transport::Tls => conn.sni.as_deref(),
             Transport::Plaintext => host.as_deref(),
@@ -248,6 +273,7 @@ async fn terminate(
                 conn,
                 req,
                 rewritten.as_deref(),
+                HostHeader::FromRequest,
                 scheme,
                 authority,
                 via,
@@ -264,6 +290,9 @@ async fn originate(
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if let Some(refusal) = malformed(proxy, &req) {
+        return refusal;
+    }
     let normalized = policy::normalize_path(req.uri().path());
     let facts = Facts {
         transport: conn.transport,
@@ -298,11 +327,14 @@ async fn originate(
         Some(addrs) => leg.pinned(addrs),
         None => leg.pooled(),
     };
+    // The app addressed ciphergate; the upstream must see its own name.
+    let host = HostHeader::Set(leg.host_header.clone());
     forward(
         proxy,
         conn,
         req,
         rewritten.as_deref(),
+        host,
         scheme,
         authority,
         via,
@@ -407,11 +439,13 @@ pub enum Via<'a> {
 /// Sends the request on and streams the answer back. The upstream sees the normalised path the
 /// policy decided on (`rewritten` is set when normalisation changed it), without the client's
 /// hop-by-hop headers.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
     proxy: &HttpProxy,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
     rewritten: Option<&str>,
+    host: HostHeader,
     scheme: Scheme,
     authority: Authority,
     via: Via<'_>,
@@ -426,9 +460,35 @@ pub async fn forward(
                 Some(query) => format!("{path}?{query}"),
                 None => path.to_owned(),
             };
-            PathAndQuery::try_from(rebuilt).ok()
+            match PathAndQuery::try_from(rebuilt) {
+                Ok(rebuilt) => Some(rebuilt),
+                Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request target\n"),
+            }
         }
         (_, original) => original.cloned(),
+    };
+    // The upstream sees the host the policy decided on: the request target's authority when
+    // there is one (HTTP/2, absolute-form; RFC 9112 §3.2.2), replacing any Host header.
+    let from_request = || {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned())
+    };
+    let (host_value, authority) = match host {
+        HostHeader::Set(value) => (Some(value), authority),
+        HostHeader::Destination => (from_request(), authority),
+        // A fixed upstream is connected to whatever the URI says, so the URI can carry the
+        // client's host: HTTP/2 upstreams then see it as `:authority`.
+        HostHeader::FromRequest => {
+            let value = from_request();
+            let carried = value
+                .as_ref()
+                .and_then(|v| Authority::try_from(v.as_bytes()).ok())
+                .unwrap_or(authority);
+            (value, carried)
+        }
     };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(scheme);
@@ -437,18 +497,19 @@ pub async fn forward(
     let Ok(uri) = Uri::from_parts(uri) else {
         return local(StatusCode::BAD_REQUEST, "invalid request target\n");
     };
-    let original_authority = parts.uri.authority().cloned();
     parts.uri = uri;
     parts.version = Version::HTTP_11;
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(authority) = original_authority
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, value);
+    if let Some(host) = host_value {
+        parts.headers.insert(header::HOST, host);
     }
     if proxy.mode() == Mode::Terminate {
+        // ciphergate is the trust boundary: whatever the client claims about forwarding is
+        // dropped, and the one fact it vouches for is set.
+        for name in SPOOFABLE {
+            parts.headers.remove(name);
+        }
         let proto = match conn.transport {
             Transport::Tls => "https",
             Transport::Plaintext => "http",
@@ -492,6 +553,46 @@ pub async fn forward(
 }
 
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Forwarding claims a client could make up; removed on terminate listeners.
+const SPOOFABLE: [&str; 7] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+];
+
+/// The Host header the upstream gets.
+pub enum HostHeader {
+    /// The client's (the request target's authority if it has one, else its Host header), to
+    /// a fixed upstream (terminate listeners).
+    FromRequest,
+    /// The client's, to the destination it names (forward proxy).
+    Destination,
+    /// A fixed value (the upstream's own name, on originate listeners).
+    Set(HeaderValue),
+}
+
+/// A request refused before any decision: more than one Host header, or (when rules test
+/// paths) a path servers are known to read differently.
+pub fn malformed(proxy: &HttpProxy, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Some(local(
+            StatusCode::BAD_REQUEST,
+            "more than one Host header\n",
+        ));
+    }
+    if proxy.policy.needs_path() && policy::is_ambiguous_path(req.uri().path()) {
+        return Some(local(
+            StatusCode::BAD_REQUEST,
+            "ambiguous path: encoded slashes, backslashes, NUL and `..;` segments are refused\n",
+        ));
+    }
+    None
+}
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -560,10 +661,16 @@ pub fn failure_response(failure: UpstreamFailure) -> Response<ProxyBody> {
 }
 
 /// An HTTP/1.1 `Connection: upgrade` request (WebSocket and friends).
+/// Only WebSocket is relayed: an `h2c` upgrade would open a plaintext HTTP/2 session that no
+/// per-request decision sees.
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.method() != Method::CONNECT
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
         && connection_has(req.headers(), "upgrade")
 }
 
@@ -576,8 +683,19 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Headers a `Connection` list may never remove: dropping them would change what the request
+/// means to the upstream (its host, its framing, what ciphergate vouches for).
+const PROTECTED: [HeaderName; 5] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::AUTHORIZATION,
+    X_FORWARDED_PROTO,
+];
+
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), keeping
-/// `Connection: upgrade` and `Upgrade` when an upgrade is being relayed.
+/// `Connection: upgrade` and `Upgrade` when an upgrade is being relayed, and `TE: trailers`
+/// (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -585,14 +703,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
         .collect();
     for name in listed {
         if !(keep_upgrade && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
+    let trailers_only = headers.get_all(header::TE).iter().count() == 1
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
+    headers.remove("http2-settings");
     for name in [
-        header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::PROXY_AUTHENTICATE,
@@ -623,11 +749,32 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_the_request_means() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, content-length, x-forwarded-proto"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "a.example");
+        assert_eq!(h[header::CONTENT_LENGTH], "3");
+        assert_eq!(h[header::TE], "trailers", "gRPC needs TE: trailers");
+        assert!(!h.contains_key(header::CONNECTION));
     }
 
     #[test]

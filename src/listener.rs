@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -22,7 +23,6 @@ use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -68,8 +68,47 @@ pub struct ListenerState {
     http_server: auto::Builder<TokioExecutor>,
     /// Tcp listeners only.
     tcp: Option<TcpTargets>,
-    /// Permits for `max_connections`.
-    pub limit: Arc<Semaphore>,
+    /// `max_connections`, shared with the listener's earlier and later states.
+    pub limit: Arc<ConnectionLimit>,
+}
+
+/// `max_connections` of one listener. It outlives reloads: connections opened under the old
+/// config stay counted, and a new limit applies to new connections at once.
+pub struct ConnectionLimit {
+    open: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// A permit, or `None` when the listener is full.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max.load(Ordering::Relaxed) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Permit(self.clone()))
+    }
+}
+
+/// One open connection's place under `max_connections`.
+pub struct Permit(Arc<ConnectionLimit>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Where a tcp listener's bytes go: its usual leg, and (originate only) the plaintext leg a
@@ -82,9 +121,12 @@ struct TcpTargets {
 impl ListenerState {
     /// `bound_port` is the port the listener's socket has (it differs from the config's when
     /// that says port 0).
+    /// `limit` is the listener's connection limit, kept across reloads; its maximum is set
+    /// from this config.
     pub fn build(
         config: &ListenerConfig,
         bound_port: u16,
+        limit: Arc<ConnectionLimit>,
         metrics: &Metrics,
     ) -> Result<Self, BuildError> {
         let listener_metrics = metrics.listener(
@@ -181,7 +223,7 @@ impl ListenerState {
             http,
             http_server: http_server(&config.settings),
             tcp,
-            limit: Arc::new(Semaphore::new(config.settings.max_connections)),
+            limit,
         })
     }
 }
@@ -224,7 +266,7 @@ pub async fn accept_loop(
             }
         };
         let state = state.load_full();
-        let Ok(permit) = state.limit.clone().try_acquire_owned() else {
+        let Some(permit) = state.limit.try_acquire() else {
             state.metrics.overload();
             drop(stream);
             continue;
@@ -249,7 +291,7 @@ pub async fn accept_loop(
 /// `ciphergate_connections_active`. Released when the connection, and any tunnel it was
 /// upgraded into, has ended.
 pub struct Held {
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
     _active: ActiveGuard,
 }
 
@@ -491,13 +533,30 @@ where
     tokio::pin!(http);
     let idle = conn.state.settings.idle_timeout;
     tokio::select! {
-        _ = http.as_mut() => return,
+        result = http.as_mut() => return count_protocol_error(&conn.state.metrics, result),
         _ = conn.clock.expired(idle) => return,
         _ = conn.shutdown.cancelled() => http.as_mut().graceful_shutdown(),
     }
     // Draining: finish what is in flight; the app stops waiting at `drain_timeout`.
     tokio::select! {
-        _ = http.as_mut() => {}
+        result = http.as_mut() => count_protocol_error(&conn.state.metrics, result),
         _ = conn.clock.expired(idle) => {}
+    }
+}
+
+/// Counts the response hyper itself writes when a request head does not parse: 431 for an
+/// oversized head, 400 otherwise.
+fn count_protocol_error(
+    metrics: &ListenerMetrics,
+    result: Result<(), Box<dyn std::error::Error + Send + Sync>>,
+) {
+    let Err(error) = result else { return };
+    let Some(error) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    if error.is_parse_too_large() {
+        metrics.response(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    } else if error.is_parse() && !error.is_parse_version_h2() {
+        metrics.response(http::StatusCode::BAD_REQUEST);
     }
 }

@@ -62,16 +62,18 @@ struct ExplainArgs {
     /// The listener the traffic arrives on.
     #[arg(long, value_name = "NAME")]
     listener: String,
-    /// The traffic is plaintext.
+    /// The traffic is plaintext (the default on originate listeners, where the local app
+    /// speaks plaintext).
     #[arg(long, conflicts_with = "tls")]
     plaintext: bool,
-    /// The traffic is TLS (the default).
+    /// The traffic is TLS (the default on terminate listeners).
     #[arg(long)]
     tls: bool,
     /// The client's address.
     #[arg(long, value_name = "IP")]
     source: Option<IpAddr>,
-    /// SNI for TLS, the Host name for plaintext http, the destination host on originate.
+    /// SNI for TLS, the Host name for plaintext http, the destination host on originate
+    /// (default there: the listener's upstream host).
     #[arg(long, value_name = "NAME")]
     server_name: Option<String>,
     /// The request path (http listeners).
@@ -166,16 +168,21 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let transport = if args.plaintext {
-        Transport::Plaintext
-    } else {
-        Transport::Tls
+    let transport = match (args.plaintext, args.tls, listener.mode) {
+        (true, _, _) => Transport::Plaintext,
+        (_, true, _) => Transport::Tls,
+        (_, _, Mode::Originate) => Transport::Plaintext,
+        (_, _, Mode::Terminate) => Transport::Tls,
     };
     let server_name = args
         .server_name
         .as_deref()
         .and_then(policy::host_name)
-        .map(|n| n.into_owned());
+        .map(|n| n.into_owned())
+        .or_else(|| match listener.mode {
+            Mode::Originate => listener.upstream.as_ref().map(|u| u.host.clone()),
+            Mode::Terminate => None,
+        });
     let path = args.path.as_deref().and_then(policy::normalize_path);
     let facts = Facts {
         transport,

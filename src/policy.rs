@@ -214,6 +214,11 @@ impl ListenerPolicy {
         self.rules.iter().any(|r| r.client_verified.is_some())
     }
 
+    /// Whether any rule tests `path_prefix`; then ambiguous paths are refused.
+    pub fn needs_path(&self) -> bool {
+        self.rules.iter().any(|r| !r.path_prefix.is_empty())
+    }
+
     /// Whether any rule tests the resolved `destination`, which needs a lookup first.
     pub fn needs_destination(&self) -> bool {
         self.rules.iter().any(|r| !r.destination.is_empty())
@@ -389,8 +394,10 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
     if !path.contains('%') {
         return Cow::Borrowed(path);
     }
+    // Work on bytes: only `%XX` escapes of ASCII are replaced by ASCII, every other byte is
+    // copied as it came, so the result stays valid UTF-8.
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
@@ -398,21 +405,39 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
             if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 let c = (hi * 16 + lo) as u8;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c as char);
+                    out.push(c);
                 } else {
                     // Reserved or non-ASCII: keep encoded, with uppercase hex (§6.2.2.1).
-                    out.push('%');
-                    out.push((bytes[i + 1] as char).to_ascii_uppercase());
-                    out.push((bytes[i + 2] as char).to_ascii_uppercase());
+                    out.push(b'%');
+                    out.push(bytes[i + 1].to_ascii_uppercase());
+                    out.push(bytes[i + 2].to_ascii_uppercase());
                 }
                 i += 3;
                 continue;
             }
         }
-        out.push(bytes[i] as char);
+        out.push(bytes[i]);
         i += 1;
     }
-    Cow::Owned(out)
+    Cow::Owned(String::from_utf8(out).expect("ASCII replaced by ASCII keeps UTF-8 valid"))
+}
+
+/// Whether servers are known to read `path` differently from RFC 3986: an encoded slash,
+/// backslash or NUL (`%2F`, `%5C`, `%00`, `\`), or a `..;`/`.;` segment (Tomcat, Jetty). On a
+/// listener whose rules test `path_prefix`, such paths are refused rather than guessed at.
+pub fn is_ambiguous_path(path: &str) -> bool {
+    if path.contains('\\') {
+        return true;
+    }
+    let lower = |s: &str| s.to_ascii_lowercase();
+    if path.contains('%') {
+        let l = lower(path);
+        if l.contains("%2f") || l.contains("%5c") || l.contains("%00") {
+            return true;
+        }
+    }
+    path.split('/')
+        .any(|segment| segment.starts_with("..;") || segment.starts_with(".;"))
 }
 
 /// The host name of a Host header or URI authority, lowercased, without port, brackets or a
@@ -584,6 +609,25 @@ mod tests {
         assert_eq!(n("/a%zz").as_deref(), Some("/a%zz"));
         assert_eq!(n("/a%4").as_deref(), Some("/a%4"));
         assert_eq!(n("*"), None);
+        assert_eq!(n("/caf%C3%A9/%2e/é").as_deref(), Some("/caf%C3%A9/é"));
+    }
+
+    #[test]
+    fn ambiguous_paths() {
+        for path in [
+            "/a%2Fb",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+            "/a%00",
+            "/healthz/..;/x",
+            "/.;/x",
+        ] {
+            assert!(is_ambiguous_path(path), "{path}");
+        }
+        for path in ["/a/b", "/a%20b", "/a;b", "/..a", "/a/.b"] {
+            assert!(!is_ambiguous_path(path), "{path}");
+        }
     }
 
     #[test]

@@ -110,9 +110,7 @@ impl Upstream {
         addrs: &[SocketAddr],
         deadline: Instant,
     ) -> Result<UpstreamStream, UpstreamFailure> {
-        let tcp = timeout_at(deadline, connect_any(addrs, &self.security))
-            .await
-            .map_err(|_| UpstreamFailure::Timeout)??;
+        let tcp = connect_any(addrs, &self.security, deadline).await?;
         let Security::Tls(tls) = &self.security else {
             return Ok(UpstreamStream::Plain(tcp));
         };
@@ -142,23 +140,37 @@ impl Upstream {
     }
 }
 
-/// The first address of `addrs` that accepts a connection. A loopback plaintext leg never
-/// connects anywhere else, whoever resolved the addresses.
+/// The first address of `addrs` that accepts a connection, each tried in turn with an equal
+/// share of the time left, so one address that drops packets cannot use up the whole budget.
+/// A loopback plaintext leg never connects anywhere else, whoever resolved the addresses.
 async fn connect_any(
     addrs: &[SocketAddr],
     security: &Security,
+    deadline: Instant,
 ) -> Result<TcpStream, UpstreamFailure> {
     let loopback_only = matches!(security, Security::LoopbackPlaintext);
-    for addr in addrs {
-        if loopback_only && !addr.ip().is_loopback() {
-            continue;
-        }
-        if let Ok(stream) = TcpStream::connect(addr).await {
-            let _ = stream.set_nodelay(true);
-            return Ok(stream);
+    let candidates: Vec<&SocketAddr> = addrs
+        .iter()
+        .filter(|a| !loopback_only || a.ip().is_loopback())
+        .collect();
+    let mut timed_out = false;
+    for (i, addr) in candidates.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let share = left / (candidates.len() - i) as u32;
+        match timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(_)) => {}
+            Err(_) => timed_out = true,
         }
     }
-    Err(UpstreamFailure::Connect)
+    Err(if timed_out {
+        UpstreamFailure::Timeout
+    } else {
+        UpstreamFailure::Connect
+    })
 }
 
 /// A connected upstream leg.

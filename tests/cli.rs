@@ -522,3 +522,156 @@ async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
         1.0
     );
 }
+
+#[test]
+fn check_refuses_what_would_fail_at_runtime_or_open_a_plaintext_path() {
+    let ws = Workspace::new();
+    let client = ws.ca.issue_client("c").unwrap();
+    ws.write_issued("client", &client);
+    let config = format!(
+        r#"[defaults]
+max_connections = 9223372036854775807
+handshake_timeout = "500000000000y"
+
+[[listener]]
+name = "ingress"
+bind = "127.0.0.1:0"
+upstream = "127.0.0.1:8080"
+{certs}
+[[listener]]
+name = "proxy"
+bind = "127.0.0.1:0"
+mode = "originate"
+  [listener.upstream_tls]
+  client_cert = "{dir}/client.crt"
+  client_key = "{dir}/client.key"
+
+[[rule]]
+name = "halves"
+listeners = ["ingress"]
+transport = "plaintext"
+source = ["0.0.0.0/1", "128.0.0.0/1"]
+action = "allow"
+
+[[rule]]
+name = "local-app"
+listeners = ["proxy"]
+transport = "plaintext"
+source = ["127.0.0.0/8"]
+action = "allow"
+"#,
+        certs = ws.certs_table(),
+        dir = ws.dir.path().display()
+    );
+    let path = ws.config(&config);
+    let (code, _, err) = run(&mut cg(&["check", "-c", path.to_str().unwrap()]));
+    assert_eq!(code, 2);
+    for expected in [
+        "defaults.max_connections: must be at least 1 and at most 1000000",
+        "defaults.handshake_timeout: must be at most 7 days",
+        "listener[1].upstream_tls.client_cert: a forward proxy would present this certificate",
+        "rule[0].action: a blanket plaintext `allow` is not permitted",
+        "rule[1].action: a plaintext `allow` on originate listener `proxy` must be narrowed",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+    assert!(err.contains("5 errors"), "{err}");
+}
+
+#[test]
+fn only_section_variables_are_settings() {
+    // Kubernetes injects CIPHERGATE_SERVICE_HOST and friends for a Service named ciphergate.
+    let ws = Workspace::new();
+    let config = format!(
+        "[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:8080\"\n{}",
+        ws.certs_table()
+    );
+    let path = ws.config(&config);
+    let (code, _, err) = run(cg(&["check", "-c", path.to_str().unwrap()])
+        .env("CIPHERGATE_SERVICE_HOST", "10.0.0.1")
+        .env("CIPHERGATE_PORT_8443_TCP", "tcp://10.0.0.1:8443"));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn explain_on_an_originate_listener_assumes_the_apps_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    run(cg(&["certs", "init", "--dir", "certs"]).current_dir(dir.path()));
+    let (code, out, _) = run(cg(&[
+        "explain",
+        "-c",
+        &repo("config/egress-proxy.toml"),
+        "--listener",
+        "payments",
+    ])
+    .current_dir(dir.path()));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("transport: plaintext\nrule: default\naction: upgrade\n"),
+        "{out}"
+    );
+    let (_, out, _) = run(cg(&[
+        "explain",
+        "-c",
+        &repo("config/egress-proxy.toml"),
+        "--listener",
+        "proxy",
+        "--server-name",
+        "inventory.internal",
+        "--destination",
+        "10.20.1.2",
+    ])
+    .current_dir(dir.path()));
+    assert!(
+        out.contains("rule: legacy-inventory\naction: allow\n"),
+        "{out}"
+    );
+    assert!(out.contains("plaintext"), "{out}");
+}
+
+#[tokio::test]
+async fn max_connections_holds_across_reloads() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let config = format!(
+        "{}[defaults]\nmax_connections = 2\n\n[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{}",
+        preamble("info"),
+        ws.certs_table()
+    );
+    let path = ws.config(&config);
+    let proxy = ProxyProcess::start(&path);
+    let addr = proxy.addr("ingress");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        held.push(
+            tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..3 {
+        let lines = proxy.logs().len();
+        proxy.signal("HUP");
+        assert!(proxy.wait_for_log_after(lines, |l| l.contains("config reloaded")));
+    }
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        exchange_raw(&mut third, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_empty()
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_overload_rejections_total",
+            &[("listener", "ingress")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.get("ciphergate_connections_active", &[("listener", "ingress")]),
+        2.0
+    );
+    drop(held);
+}

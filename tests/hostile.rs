@@ -213,6 +213,15 @@ async fn a_one_mebibyte_header_is_refused() {
 
     still_served(&proxy, &ws).await;
     assert_eq!(seen.paths(), ["/ok"]);
+    // The 431s hyper writes itself are counted like every other response.
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_http_responses_total",
+            &[("listener", "ingress"), ("class", "4xx")]
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]

@@ -342,6 +342,15 @@ async fn the_forward_proxy_upgrades_http_and_tunnels_only_tls() {
     assert!(read_head(&mut raw).await.starts_with("HTTP/1.1 200"));
     let answer = exchange_raw(&mut raw, b"PLAINTEXT SECRET\r\n").await;
     assert!(answer.is_empty());
+    // Nor does plaintext dressed in six bytes of a ClientHello record header.
+    let mut raw = TcpStream::connect(proxy.addr("fwd")).await.unwrap();
+    raw.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut raw).await.starts_with("HTTP/1.1 200"));
+    let mut disguised = vec![0x16, 0x03, 0x01, 0x00, 0x20, 0x01];
+    disguised.extend_from_slice(b"PLAINTEXT SECRET IN DISGUISE....");
+    assert!(exchange_raw(&mut raw, &disguised[..]).await.is_empty());
     assert_eq!((echo_seen.connections(), echo_seen.bytes()), (0, 0));
 
     // A refused destination: 403 naming the rule, for both forms.
@@ -383,7 +392,7 @@ async fn the_forward_proxy_upgrades_http_and_tunnels_only_tls() {
             "ciphergate_decisions_total",
             &[l, ("rule", "default"), ("action", "reject")]
         ),
-        1.0 // the plaintext tunnel
+        2.0 // the plaintext tunnels, one disguised
     );
     assert_eq!(
         m.get(
