@@ -90,13 +90,23 @@ impl Authority {
 
     /// A client certificate for mTLS, valid for a year.
     pub fn issue_client(&self, name: &str) -> Result<Issued, CertsError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_client_valid(name, now - Duration::days(1), now + Duration::days(365))
+    }
+
+    /// A client certificate valid from `not_before` to `not_after`.
+    pub fn issue_client_valid(
+        &self,
+        name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, CertsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(365);
+        params.not_before = not_before;
+        params.not_after = not_after;
         self.issue(params)
     }
 
@@ -122,7 +132,14 @@ pub fn default_names() -> Vec<String> {
 
 /// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key`, `client.crt` and `client.key` into
 /// `dir`. Refuses to overwrite any of them unless `force`; checks all before writing any.
-pub fn init(dir: &Path, names: &[String], force: bool) -> Result<Vec<PathBuf>, CertsError> {
+/// `days` is how long the server and client certificates are valid from now (the CA: ten
+/// years).
+pub fn init(
+    dir: &Path,
+    names: &[String],
+    days: u32,
+    force: bool,
+) -> Result<Vec<PathBuf>, CertsError> {
     let files = [
         "ca.crt",
         "ca.key",
@@ -136,8 +153,10 @@ pub fn init(dir: &Path, names: &[String], force: bool) -> Result<Vec<PathBuf>, C
         return Err(CertsError::Exists(existing.clone()));
     }
     let ca = Authority::new("ciphergate development CA")?;
-    let server = ca.issue_server(names)?;
-    let client = ca.issue_client("ciphergate development client")?;
+    let now = OffsetDateTime::now_utc();
+    let (not_before, not_after) = (now - Duration::hours(1), now + Duration::days(days.into()));
+    let server = ca.issue_server_valid(names, not_before, not_after)?;
+    let client = ca.issue_client_valid("ciphergate development client", not_before, not_after)?;
     fs::create_dir_all(dir).map_err(|source| CertsError::Write {
         path: dir.to_owned(),
         source,

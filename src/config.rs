@@ -908,6 +908,22 @@ impl Ctx<'_> {
             self.error(value, &t.key("key"), reason);
             return None;
         }
+        if let Some(i) =
+            (1..chain.len()).find(|&i| !crate::tls::pem::names_issuer(&chain[i - 1], &chain[i]))
+        {
+            let value = t.dict.get("cert");
+            self.error(
+                value,
+                &t.key("cert"),
+                format!(
+                    "certificate {i} in {} did not issue certificate {}: the chain must run from \
+                     the leaf to its issuers, in order",
+                    cert_path.display(),
+                    i - 1
+                ),
+            );
+            return None;
+        }
         let Some(not_after) = crate::tls::pem::not_after(&chain[0]) else {
             let value = t.dict.get("cert");
             self.error(

@@ -98,6 +98,10 @@ enum CertsCommand {
         /// Default: localhost, 127.0.0.1, ::1.
         #[arg(long = "name", value_name = "NAME")]
         names: Vec<String>,
+        /// Validity of the server and client certificates, in days (Mozilla's "modern"
+        /// profile wants under 90).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -113,7 +117,12 @@ fn main() -> ExitCode {
         Command::Run(arg) => run(&arg),
         Command::Check(arg) => check(&arg),
         Command::Explain(args) => explain(&args),
-        Command::Certs(CertsCommand::Init { dir, names, force }) => certs_init(dir, names, force),
+        Command::Certs(CertsCommand::Init {
+            dir,
+            names,
+            days,
+            force,
+        }) => certs_init(dir, names, days, force),
         Command::Demo => demo(),
     }
 }
@@ -280,13 +289,13 @@ fn run(arg: &ConfigArg) -> ExitCode {
     }
 }
 
-fn certs_init(dir: PathBuf, names: Vec<String>, force: bool) -> ExitCode {
+fn certs_init(dir: PathBuf, names: Vec<String>, days: u32, force: bool) -> ExitCode {
     let names = if names.is_empty() {
         ciphergate::certs::default_names()
     } else {
         names
     };
-    match ciphergate::certs::init(&dir, &names, force) {
+    match ciphergate::certs::init(&dir, &names, days, force) {
         Ok(files) => {
             for file in files {
                 println!("wrote {}", file.display());

@@ -260,6 +260,35 @@ fn check_fails_on_expired_certificates_and_warns_on_soon_expiring_ones() {
 }
 
 #[test]
+fn check_fails_on_a_chain_out_of_order() {
+    let ws = Workspace::new();
+    let server = std::fs::read_to_string(ws.path("server.crt")).unwrap();
+    // The leaf followed by a CA that did not issue it: the served chain would not lead a
+    // client to a trusted root.
+    let other = Authority::new("unrelated CA").unwrap();
+    ws.write("wrong.crt", &format!("{server}{}", other.cert_pem()));
+    ws.write("right.crt", &format!("{server}{}", ws.ca_pem()));
+    for (file, ok) in [("wrong.crt", false), ("right.crt", true)] {
+        let path = ws.config(&format!(
+            "[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:8080\"\n  [[listener.certs]]\n  cert = \"{}\"\n  key = \"{}\"\n",
+            ws.p(file),
+            ws.p("server.key")
+        ));
+        let (code, _, err) = run(&mut cg(&["check", "-c", path.to_str().unwrap()]));
+        if ok {
+            assert_eq!(code, 0, "{err}");
+        } else {
+            assert_eq!(code, 2);
+            assert!(
+                err.contains("listener[0].certs[0].cert: certificate 1 in")
+                    && err.contains("did not issue certificate 0"),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn explain_evaluates_the_same_policy_offline() {
     let dir = tempfile::tempdir().unwrap();
     run(cg(&["certs", "init", "--dir", "certs"]).current_dir(dir.path()));

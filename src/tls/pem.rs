@@ -60,3 +60,15 @@ pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
         })
         .collect()
 }
+
+/// Whether `issuer`'s subject is `cert`'s issuer: the link a served chain must have between
+/// each certificate and the next.
+pub fn names_issuer(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {
+    let (Ok((_, cert)), Ok((_, issuer))) = (
+        x509_parser::parse_x509_certificate(cert.as_ref()),
+        x509_parser::parse_x509_certificate(issuer.as_ref()),
+    ) else {
+        return false;
+    };
+    cert.issuer().as_raw() == issuer.subject().as_raw()
+}
