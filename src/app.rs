@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{self, Config};
+use crate::config::{self, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
 
@@ -219,6 +219,7 @@ impl Proxy {
     /// `drain_timeout`. Returns whether everything finished in time.
     pub async fn drain(self) -> bool {
         self.readiness.set_draining();
+        info!("draining");
         let timeout = self
             .listeners
             .iter()
@@ -237,29 +238,88 @@ impl Proxy {
         finished
     }
 
-    /// Reloads from the config file, counting and logging the outcome.
-    async fn reload_from_file(&mut self) {
+    /// Reloads from the config file, counting and logging the outcome. Returns the files the
+    /// applied config names, to watch from now on.
+    async fn reload_from_file(&mut self) -> Option<(Vec<PathBuf>, u64)> {
         let outcome = match config::load(&self.config_path) {
             Ok(config) => {
                 for warning in &config.warnings {
                     warn!(warning = %warning, "config warning");
                 }
-                self.reload(&config).await.map_err(|e| vec![e.to_string()])
+                match self.reload(&config).await {
+                    Ok(()) => Ok((config.files, config.fingerprint)),
+                    Err(e) => Err(vec![e.to_string()]),
+                }
             }
             Err(errors) => Err(errors.0.iter().map(ToString::to_string).collect()),
         };
         match outcome {
-            Ok(()) => {
+            Ok(files) => {
                 self.metrics.reload(ReloadOutcome::Ok);
                 info!("config reloaded");
+                Some(files)
             }
             Err(reasons) => {
                 self.metrics.reload(ReloadOutcome::Rejected);
                 for reason in reasons {
                     error!(error = %reason, "config reload refused; the running config stays");
                 }
+                None
             }
         }
+    }
+}
+
+/// How often the watched files are compared.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Notices changes to the config file and every file it names, however they happen: an edit,
+/// a rename over it, a Kubernetes ConfigMap/Secret symlink swap. It compares contents, so a
+/// touch without a change reloads nothing, and acts once a change has held still for one
+/// interval, so a file written in several steps is read whole.
+struct Watch {
+    files: Vec<PathBuf>,
+    seen: u64,
+    pending: Option<u64>,
+}
+
+impl Watch {
+    /// `seen` is the fingerprint of `files` when the running config was read.
+    fn new(files: Vec<PathBuf>, seen: u64) -> Self {
+        Watch {
+            files,
+            seen,
+            pending: None,
+        }
+    }
+
+    /// True when the files changed and have stayed as they are since the last poll.
+    fn poll(&mut self) -> bool {
+        let now = fingerprint(&self.files);
+        if now == self.seen {
+            self.pending = None;
+            return false;
+        }
+        if self.pending == Some(now) {
+            self.seen = now;
+            self.pending = None;
+            return true;
+        }
+        self.pending = Some(now);
+        false
+    }
+
+    /// Watches the files of a config just applied, from the state they were read in; after a
+    /// refused reload, keeps the old files and takes their current state as seen.
+    fn rebase(&mut self, applied: Option<(Vec<PathBuf>, u64)>) {
+        match applied {
+            Some((files, seen)) => {
+                self.files = files;
+                self.seen = seen;
+            }
+            None => self.seen = fingerprint(&self.files),
+        }
+        self.pending = None;
     }
 }
 
@@ -289,15 +349,27 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let every = config.log.counters_every;
     let mut ticker = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
     ticker.tick().await;
+    let mut watch = Watch::new(config.files.clone(), config.fingerprint);
+    let mut watch_ticker = tokio::time::interval(WATCH_EVERY);
+    watch_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = hangup.recv() => proxy.reload_from_file().await,
+            _ = hangup.recv() => {
+                let files = proxy.reload_from_file().await;
+                watch.rebase(files);
+            }
+            _ = watch_ticker.tick() => {
+                if watch.poll() {
+                    info!("config or certificate files changed; reloading");
+                    let files = proxy.reload_from_file().await;
+                    watch.rebase(files);
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = ticker.tick(), if every.is_some() => proxy.log_counters(),
         }
     }
-    info!("draining");
     let finished = proxy.drain().await;
     if finished {
         info!("drained; exiting");

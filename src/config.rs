@@ -47,6 +47,12 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Findings that do not stop the config from loading (a certificate close to expiry).
     pub warnings: Vec<ConfigIssue>,
+    /// The config file and every certificate, key and CA file it names: what a change to
+    /// should reload.
+    pub files: Vec<PathBuf>,
+    /// [`fingerprint`] of `files` right after they were read, the baseline a watcher compares
+    /// against (taken later, a change in between would be missed).
+    pub fingerprint: u64,
 }
 
 pub struct AdminConfig {
@@ -328,11 +334,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         file,
         errors: Vec::new(),
         warnings: Vec::new(),
+        files: vec![path.to_owned()],
     };
     let config = cx.config(path, &root);
     if cx.errors.is_empty() {
         let mut config = config.expect("a config without errors is complete");
         config.warnings = cx.warnings;
+        config.fingerprint = fingerprint(&cx.files);
+        config.files = cx.files;
         Ok(config)
     } else {
         Err(ConfigErrors(cx.errors))
@@ -343,6 +352,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 struct Ctx<'f> {
     figment: &'f Figment,
     file: String,
+    /// Every certificate, key and CA file read, for the reload watcher.
+    files: Vec<PathBuf>,
     errors: Vec<ConfigIssue>,
     warnings: Vec<ConfigIssue>,
 }
@@ -625,6 +636,8 @@ impl Ctx<'_> {
             log: log?,
             listeners,
             warnings: Vec::new(),
+            files: Vec::new(),
+            fingerprint: 0,
         })
     }
 
@@ -871,6 +884,11 @@ impl Ctx<'_> {
         }
     }
 
+    fn read_certs(&mut self, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+        self.files.push(path.to_owned());
+        crate::tls::pem::load_certs(path)
+    }
+
     fn cert(&mut self, t: &mut Table<'_>, now: i64) -> Option<CertConfig> {
         let cert_path = self.required::<String>(t, "cert").map(PathBuf::from);
         let key_path = self.required::<String>(t, "key").map(PathBuf::from);
@@ -886,6 +904,7 @@ impl Ctx<'_> {
             }
         }
         let (cert_path, key_path) = (cert_path?, key_path?);
+        self.files.extend([cert_path.clone(), key_path.clone()]);
         let chain = match crate::tls::pem::load_certs(&cert_path) {
             Ok(chain) => Some(chain),
             Err(reason) => {
@@ -976,6 +995,7 @@ impl Ctx<'_> {
         let ca_path = self.required::<String>(t, "ca").map(PathBuf::from);
         let mode = self.get(t, "mode").unwrap_or(ClientAuthMode::Required);
         let ca_path = ca_path?;
+        self.files.push(ca_path.clone());
         match crate::tls::pem::load_certs(&ca_path) {
             Ok(roots) => Some(ClientAuthConfig {
                 ca_path,
@@ -1015,7 +1035,7 @@ impl Ctx<'_> {
                 );
                 None
             }
-            (Some(path), None) => match crate::tls::pem::load_certs(&path) {
+            (Some(path), None) => match self.read_certs(&path) {
                 Ok(certs) => Some(Roots::Ca { path, certs }),
                 Err(reason) => {
                     let value = t.dict.get("ca");
@@ -1040,6 +1060,7 @@ impl Ctx<'_> {
         let client_cert = match (cert, key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
+                self.files.extend([cert.clone(), key.clone()]);
                 let chain = crate::tls::pem::load_certs(&cert);
                 let key_der = crate::tls::pem::load_key(&key);
                 match (chain, key_der) {
@@ -1445,6 +1466,21 @@ fn valid_name(name: &str) -> bool {
 
 fn default_admin_bind() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// A digest of the contents of `files` (or of why one cannot be read), to tell whether any
+/// changed, however it changed.
+pub fn fingerprint(files: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for file in files {
+        file.hash(&mut hasher);
+        match std::fs::read(file) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(e) => e.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
 }
 
 pub fn unix_now() -> i64 {

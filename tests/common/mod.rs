@@ -303,11 +303,23 @@ impl Metrics {
 }
 
 /// What a recording upstream has seen.
-#[derive(Default)]
 pub struct Seen {
     pub connections: AtomicUsize,
     pub bytes: AtomicU64,
     pub requests: Mutex<Vec<SeenRequest>>,
+    /// The number of requests that have arrived, for tests to wait on.
+    arrived: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            connections: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            requests: Mutex::new(Vec::new()),
+            arrived: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -320,6 +332,15 @@ pub struct SeenRequest {
 }
 
 impl Seen {
+    /// Waits until at least `n` requests have arrived (their heads; bodies may still flow).
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut rx = self.arrived.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|count| *count >= n))
+            .await
+            .expect("requests did not arrive")
+            .unwrap();
+    }
+
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
@@ -438,6 +459,14 @@ async fn answer(mut req: Request<Incoming>, seen: &Seen) -> Response<Full<Bytes>
         headers: parts.headers.clone(),
         body,
     });
+    seen.arrived.send_modify(|count| *count += 1);
+    // `/slow?ms=N` answers after N milliseconds: an in-flight request for drain tests.
+    if let Some(ms) = path
+        .strip_prefix("/slow?ms=")
+        .and_then(|ms| ms.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if let Some(on_upgrade) = on_upgrade {
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {

@@ -1,0 +1,316 @@
+//! Running beside a service for months: reloads under traffic, broken reloads refused,
+//! certificate rotation, Kubernetes-style symlink swaps noticed without a signal, a drain that
+//! lets in-flight work finish, and the idle timeout.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn config_for(ws: &Workspace, up: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "{}[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{}{}",
+        preamble("info"),
+        if extra.starts_with('\n') { "" } else { extra },
+        if extra.starts_with('\n') {
+            format!("{}{extra}", ws.certs_table())
+        } else {
+            ws.certs_table()
+        }
+    )
+}
+
+/// Sends SIGHUP and waits for the outcome to be logged; true when it was applied.
+fn reload(proxy: &ProxyProcess) -> bool {
+    let lines = proxy.logs().len();
+    proxy.signal("HUP");
+    assert!(proxy.wait_for_log_after(lines, |l| {
+        l.contains("config reloaded") || l.contains("config reload refused")
+    }));
+    proxy
+        .logs()
+        .iter()
+        .skip(lines)
+        .any(|l| l.contains("config reloaded"))
+}
+
+fn leaf_of(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+async fn presented_leaf(addr: std::net::SocketAddr, ca: &str) -> CertificateDer<'static> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connect(tcp, client_tls(ca, &["http/1.1"]), "localhost")
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_continuous_traffic_lose_no_request() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let path = ws.config(&config_for(&ws, up, ""));
+    let proxy = ProxyProcess::start(&path);
+    let addr = proxy.addr("ingress");
+    let ca = ws.ca_pem();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for keep_alive in [true, false] {
+        let (stop, ok, failed, ca) = (stop.clone(), ok.clone(), failed.clone(), ca.clone());
+        clients.push(tokio::spawn(async move {
+            let mut conn: Option<H1> = None;
+            while !stop.load(Ordering::SeqCst) {
+                if conn.as_ref().is_none_or(|c| c.is_closed() || !keep_alive) {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    let tls = tls_connect(tcp, client_tls(&ca, &["http/1.1"]), "localhost").await;
+                    match tls {
+                        Ok(tls) => conn = Some(H1::new(tls).await),
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                    }
+                }
+                match conn.as_mut().unwrap().get("localhost", "/live").await {
+                    Ok((StatusCode::OK, _, _)) => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+    for i in 0..20 {
+        // Alternate between two valid configs, so each reload really changes the policy.
+        let rule = if i % 2 == 0 {
+            "\n[[rule]]\nname = \"health\"\ntransport = \"plaintext\"\nsource = [\"127.0.0.1/32\"]\npath_prefix = [\"/healthz\"]\naction = \"allow\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(&path, config_for(&ws, up, rule)).unwrap();
+        // The wait blocks this thread; the clients go on on the other worker.
+        assert!(
+            tokio::task::block_in_place(|| reload(&proxy)),
+            "reload {i} was refused"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed during reloads ({ok} succeeded)"
+    );
+    assert!(ok > 20, "only {ok} requests were made");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("ciphergate_config_reloads_total", &[("outcome", "ok")]),
+        20.0
+    );
+}
+
+#[tokio::test]
+async fn certificates_rotate_for_new_handshakes_and_broken_ones_are_refused() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&config_for(&ws, up, "")));
+    let addr = proxy.addr("ingress");
+    let ca = ws.ca_pem();
+    let first = leaf_of(&std::fs::read_to_string(ws.path("server.crt")).unwrap());
+    assert_eq!(presented_leaf(addr, &ca).await, first);
+
+    // An open keep-alive connection, from before the rotation.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connect(tcp, client_tls(&ca, &["http/1.1"]), "localhost")
+        .await
+        .unwrap();
+    let mut old = H1::new(tls).await;
+    assert_eq!(
+        old.get("localhost", "/before").await.unwrap().0,
+        StatusCode::OK
+    );
+
+    // A broken certificate: refused, counted, the running one still served.
+    std::fs::write(
+        ws.path("server.crt"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
+    assert!(!reload(&proxy));
+    assert_eq!(presented_leaf(addr, &ca).await, first);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_config_reloads_total",
+            &[("outcome", "rejected")]
+        ),
+        1.0
+    );
+    let refusal = proxy
+        .logs()
+        .into_iter()
+        .rev()
+        .find(|l| l.contains("reload refused"))
+        .unwrap();
+    assert!(refusal.contains("listener[0].certs[0].cert"), "{refusal}");
+
+    // A rotated certificate: new handshakes get it; the old connection keeps working.
+    let rotated = ws.ca.issue_server(&["localhost".into()]).unwrap();
+    ws.write_issued("server", &rotated);
+    assert!(reload(&proxy));
+    assert_eq!(presented_leaf(addr, &ca).await, leaf_of(&rotated.cert_pem));
+    assert_eq!(
+        old.get("localhost", "/after").await.unwrap().0,
+        StatusCode::OK
+    );
+}
+
+/// Lays out `dir` the way Kubernetes mounts a ConfigMap or Secret: the visible file is a
+/// symlink into `..data`, itself a symlink to a timestamped directory swapped atomically.
+fn kubernetes_swap(dir: &Path, generation: u32, files: &[(&str, &str)]) {
+    let target = dir.join(format!("..2026_11_27_{generation}"));
+    std::fs::create_dir_all(&target).unwrap();
+    for (name, contents) in files {
+        std::fs::write(target.join(name), contents).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), &link).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_configmap_symlink_swap_is_applied_without_a_signal() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let mount = ws.path("configmap");
+    std::fs::create_dir(&mount).unwrap();
+    let without_rule = config_for(&ws, up, "");
+    let with_rule = config_for(
+        &ws,
+        up,
+        "\n[[rule]]\nname = \"health\"\ntransport = \"plaintext\"\nsource = [\"127.0.0.1/32\"]\npath_prefix = [\"/healthz\"]\naction = \"allow\"\n",
+    );
+    kubernetes_swap(&mount, 1, &[("ciphergate.toml", &without_rule)]);
+    let proxy = ProxyProcess::start(&mount.join("ciphergate.toml"));
+    let addr = proxy.addr("ingress");
+    let get = || async move {
+        let mut h1 = H1::new(TcpStream::connect(addr).await.unwrap()).await;
+        h1.get("localhost", "/healthz").await.unwrap().0
+    };
+    assert_eq!(get().await, StatusCode::UPGRADE_REQUIRED);
+
+    let lines = proxy.logs().len();
+    kubernetes_swap(&mount, 2, &[("ciphergate.toml", &with_rule)]);
+    assert!(
+        proxy.wait_for_log_after(lines, |l| l.contains("config reloaded")),
+        "the swap was not noticed: {:?}",
+        proxy.logs()
+    );
+    assert_eq!(get().await, StatusCode::OK);
+    assert_eq!(seen.paths(), ["/healthz"]);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("ciphergate_config_reloads_total", &[("outcome", "ok")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_drain_lets_the_in_flight_request_finish_and_exits_zero() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let mut proxy =
+        ProxyProcess::start(&ws.config(&config_for(&ws, up, "drain_timeout = \"10s\"\n")));
+    let addr = proxy.addr("ingress");
+    let ca = ws.ca_pem();
+
+    let slow = tokio::spawn(async move {
+        let (status, _, body) = get_tls(addr, &ca, "localhost", "/slow?ms=1500").await;
+        (status, body)
+    });
+    seen.wait_for_requests(1).await;
+    let lines = proxy.logs().len();
+    proxy.signal("TERM");
+    assert!(proxy.wait_for_log_after(lines, |l| l.contains("draining")));
+    // Draining: not ready, and new connections are not served.
+    assert_eq!(
+        get_plain(proxy.admin, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let refused = match TcpStream::connect(addr).await {
+        Err(_) => true,
+        Ok(mut stream) => {
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            read_to_close(&mut stream).await.is_empty()
+        }
+    };
+    assert!(refused, "a new connection was served during the drain");
+
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "upstream saw /slow?ms=1500")
+    );
+    assert_eq!(proxy.wait_exit(), Some(0));
+    assert!(proxy.logs().iter().any(|l| l.contains("drained; exiting")));
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_at_idle_timeout() {
+    let ws = Workspace::new();
+    let (echo, _) = echo_upstream().await;
+    let config = format!(
+        "{}[[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"{echo}\"\nidle_timeout = \"1s\"\n{}",
+        preamble("info"),
+        ws.certs_table()
+    );
+    let proxy = ProxyProcess::start(&ws.config(&config));
+    let tcp = TcpStream::connect(proxy.addr("db")).await.unwrap();
+    let mut tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &[]), "localhost")
+        .await
+        .unwrap();
+    tls.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut buf)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the idle connection stayed open");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("ciphergate_connections_active", &[("listener", "db")]),
+        0.0
+    );
+}
