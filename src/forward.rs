@@ -21,8 +21,9 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::detect::{is_client_hello, may_become_client_hello};
 use crate::http::{
-    ConnInfo, HostHeader, HttpProxy, Leg, PooledClient, ProxyBody, Via, failure_response,
-    forbidden_by_rule, forward, local, malformed, originate_leg, pooled_client, rewritten_path,
+    ConnInfo, HostHeader, HttpProxy, Leg, PooledClient, ProxyBody, Via, decide_originate,
+    failure_response, forbidden_by_rule, forward, local, malformed, originate_leg, pooled_client,
+    rewritten_path,
 };
 use crate::metrics::DecisionLabel;
 use crate::policy::{self, Action, Decision, Facts, Transport};
@@ -125,16 +126,10 @@ async fn absolute(
         destination: None,
         client_verified: false,
     };
-    let (decision, approved) = if proxy.policy.needs_destination() {
-        let resolver = fp.upstream(&host, tls_port, Security::PlaintextException);
-        let addrs = match resolver.resolve().await {
-            Ok(addrs) => addrs,
-            Err(failure) => return failure_response(failure),
-        };
-        let (decision, approved) = policy::decide_destinations(&proxy.policy, &facts, &addrs);
-        (decision, Some(approved))
-    } else {
-        (policy::decide(&proxy.policy, &facts), None)
+    let resolver = fp.upstream(&host, tls_port, Security::PlaintextException);
+    let (decision, approved) = match decide_originate(&proxy.policy, &facts, &resolver).await {
+        Ok(decided) => decided,
+        Err(failure) => return failure_response(failure),
     };
     let decision = proxy.count(decision);
     let rewritten = rewritten_path(normalized);

@@ -302,15 +302,9 @@ async fn originate(
         destination: None,
         client_verified: false,
     };
-    let (decision, addrs) = if proxy.policy.needs_destination() {
-        let addrs = match tls.target.resolve().await {
-            Ok(addrs) => addrs,
-            Err(failure) => return failure_response(failure),
-        };
-        let (decision, approved) = policy::decide_destinations(&proxy.policy, &facts, &addrs);
-        (decision, Some(approved))
-    } else {
-        (policy::decide(&proxy.policy, &facts), None)
+    let (decision, addrs) = match decide_originate(&proxy.policy, &facts, &tls.target).await {
+        Ok(decided) => decided,
+        Err(failure) => return failure_response(failure),
     };
     let decision = proxy.count(decision);
     let rewritten = rewritten_path(normalized);
@@ -340,6 +334,22 @@ async fn originate(
         via,
     )
     .await
+}
+
+/// Decides an originate request or connection. When a rule tests `destination`, `target` is
+/// resolved first and the addresses that got the decision come back with it; otherwise no
+/// lookup happens here (the connection resolves at connect time).
+pub async fn decide_originate(
+    policy: &ListenerPolicy,
+    facts: &Facts<'_>,
+    target: &Upstream,
+) -> Result<(Decision, Option<Vec<SocketAddr>>), UpstreamFailure> {
+    if !policy.needs_destination() {
+        return Ok((policy::decide(policy, facts), None));
+    }
+    let addrs = target.resolve().await?;
+    let (decision, approved) = policy::decide_destinations(policy, facts, &addrs);
+    Ok((decision, Some(approved)))
 }
 
 /// Which leg an originate decision sends the app's plaintext on.

@@ -31,7 +31,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, Protocol, Settings, UpstreamAddr};
 use crate::detect::{Detected, detect};
 use crate::forward::ForwardProxy;
-use crate::http::{ConnInfo, HttpProxy, HttpUpstream, Leg as HttpLeg, Route, originate_leg};
+use crate::http::{
+    ConnInfo, HttpProxy, HttpUpstream, Leg as HttpLeg, Route, decide_originate, originate_leg,
+};
 use crate::io::{IdleClock, Metered};
 use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
@@ -469,12 +471,11 @@ async fn decide_tcp(
         destination: None,
         client_verified,
     };
-    let (decision, addrs) = if state.mode == Mode::Originate && state.policy.needs_destination() {
-        let addrs = targets.upstream.resolve().await.ok()?;
-        let (decision, approved) = policy::decide_destinations(&state.policy, &facts, &addrs);
-        (decision, Some(approved))
-    } else {
-        (policy::decide(&state.policy, &facts), None)
+    let (decision, addrs) = match state.mode {
+        Mode::Originate => decide_originate(&state.policy, &facts, &targets.upstream)
+            .await
+            .ok()?,
+        Mode::Terminate => (policy::decide(&state.policy, &facts), None),
     };
     state.metrics.decision(decision.rule, decision.label());
     let upstream = match state.mode {
