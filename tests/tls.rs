@@ -276,3 +276,34 @@ async fn rsa_and_ecdsa_certificates_with_intermediates_and_their_expiry() {
         ) > expiry
     );
 }
+
+#[tokio::test]
+async fn a_client_certificate_can_be_required_for_some_paths_only() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let extra = format!(
+        "  [listener.client_auth]\n  ca = \"{}\"\n  mode = \"optional\"\n\n[[rule]]\nname = \"admin-needs-cert\"\npath_prefix = [\"/admin\"]\nclient_verified = false\naction = \"reject\"\n",
+        ws.p("ca.crt")
+    );
+    // The rule goes after the listener's tables.
+    let config = format!(
+        "{}[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{}{extra}",
+        preamble("info"),
+        ws.certs_table()
+    );
+    let proxy = ProxyProcess::start(&ws.config(&config));
+    let ca = ws.ca_pem();
+    let valid = ws.ca.issue_client("operator").unwrap();
+    let addr = proxy.addr("web");
+    let get = |config: Arc<ClientConfig>, path: &'static str| async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tls_connect(tcp, config, "localhost").await.unwrap();
+        H1::new(tls).await.get("localhost", path).await.unwrap().0
+    };
+    let anonymous = client(&ca, None, BOTH, None);
+    let operator = client(&ca, Some(&valid), BOTH, None);
+    assert_eq!(get(anonymous.clone(), "/").await, StatusCode::OK);
+    assert_eq!(get(anonymous, "/admin/users").await, StatusCode::FORBIDDEN);
+    assert_eq!(get(operator, "/admin/users").await, StatusCode::OK);
+    assert_eq!(seen.paths(), ["/", "/admin/users"]);
+}
