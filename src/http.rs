@@ -517,8 +517,14 @@ pub async fn forward(
     if proxy.mode() == Mode::Terminate {
         // ciphergate is the trust boundary: whatever the client claims about forwarding is
         // dropped, and the one fact it vouches for is set.
-        for name in SPOOFABLE {
-            parts.headers.remove(name);
+        if parts
+            .headers
+            .keys()
+            .any(|name| SPOOFABLE.contains(&name.as_str()))
+        {
+            for name in SPOOFABLE {
+                parts.headers.remove(name);
+            }
         }
         let proto = match conn.transport {
             Transport::Tls => "https",
@@ -707,6 +713,10 @@ const PROTECTED: [HeaderName; 5] = [
 /// `Connection: upgrade` and `Upgrade` when an upgrade is being relayed, and `TE: trailers`
 /// (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names instead of a dozen lookups.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -744,6 +754,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether a header belongs to one connection, or might name others that do.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || ["keep-alive", "proxy-connection", "http2-settings"].contains(&name.as_str())
 }
 
 #[cfg(test)]
