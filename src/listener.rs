@@ -363,18 +363,25 @@ async fn connection(
     };
     match (detected, conn.state.tls.clone()) {
         (Detected::Closed, _) => {}
-        (Detected::Tls, Some(tls)) => terminate_tls(&conn, io, tls, deadline).await,
+        // Each stage is boxed when it starts: an async fn is as large as its largest state, and
+        // a quiet connection should not pay for the HTTP machinery it has not reached.
+        (Detected::Tls, Some(tls)) => Box::pin(terminate_tls(&conn, io, tls, deadline)).await,
         (_, _) => {
             conn.state.metrics.connection(Transport::Plaintext);
             match conn.state.protocol {
                 Protocol::Http => {
-                    serve_http(&conn, io, conn.info(Transport::Plaintext, None, false)).await
+                    Box::pin(serve_http(
+                        &conn,
+                        io,
+                        conn.info(Transport::Plaintext, None, false),
+                    ))
+                    .await
                 }
                 Protocol::Tcp => {
                     if let Some((upstream, addrs)) =
                         decide_tcp(&conn, Transport::Plaintext, None, false).await
                     {
-                        relay_to(&conn, io, &upstream, addrs).await
+                        Box::pin(relay_to(&conn, io, &upstream, addrs)).await
                     }
                 }
             }
@@ -431,11 +438,15 @@ async fn terminate_tls(
 
     match state.protocol {
         Protocol::Http => {
-            serve_http(
+            let mut stream = stream;
+            if !until_first_request(conn, &mut stream).await {
+                return;
+            }
+            Box::pin(serve_http(
                 conn,
                 stream,
                 conn.info(Transport::Tls, sni, client_verified),
-            )
+            ))
             .await
         }
         Protocol::Tcp => {
@@ -444,9 +455,37 @@ async fn terminate_tls(
                 None => decide_tcp(conn, Transport::Tls, sni.as_deref(), client_verified).await,
             };
             if let Some((upstream, addrs)) = target {
-                relay_to(conn, stream, &upstream, addrs).await
+                Box::pin(relay_to(conn, stream, &upstream, addrs)).await
             }
         }
+    }
+}
+
+/// Holds an established TLS connection until its first request bytes arrive, so a connection
+/// that is open but quiet costs its TLS state and nothing more: the HTTP machinery and its
+/// buffers are allocated once there is something to read (as nginx does). Returns false when
+/// nothing came within `header_timeout`, the connection closed, or the proxy is draining.
+async fn until_first_request(
+    conn: &Conn,
+    stream: &mut tokio_rustls::server::TlsStream<Metered<TcpStream>>,
+) -> bool {
+    // Session tickets queued at the end of the handshake go out now, not with the first answer.
+    if tokio::io::AsyncWriteExt::flush(stream).await.is_err() {
+        return false;
+    }
+    // A client may send its request right behind its Finished message; rustls then holds it.
+    match stream.get_mut().1.process_new_packets() {
+        Ok(state) if state.plaintext_bytes_to_read() > 0 => return true,
+        Ok(_) => {}
+        // Let the HTTP side meet the error and close as it does.
+        Err(_) => return true,
+    }
+    let socket = stream.get_ref().0.get_ref();
+    tokio::select! {
+        readable = socket.readable() => readable.is_ok(),
+        // As for any request head, the first one is due within `header_timeout`.
+        _ = tokio::time::sleep(conn.state.settings.header_timeout) => false,
+        _ = conn.shutdown.cancelled() => false,
     }
 }
 

@@ -274,3 +274,27 @@ async fn beyond_max_connections_new_connections_are_closed_and_counted() {
     .expect("never served again");
     assert_eq!(served, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_tls_client_that_never_sends_a_request_is_closed_at_header_timeout() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&config(&ws, up, 100)));
+    let tcp = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    let mut tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "a silent TLS client was kept open");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
