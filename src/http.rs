@@ -38,7 +38,8 @@ use crate::io::IdleClock;
 use crate::listener::Held;
 use crate::metrics::{ListenerMetrics, UpstreamFailure};
 use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Transport};
-use crate::upstream::{Connector, Upstream};
+use crate::pool::{LocalPool, Sticky};
+use crate::upstream::{Connector, Security, Upstream};
 
 /// The body of every response ciphergate sends: the upstream's, streamed, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -68,6 +69,9 @@ pub struct HttpUpstream {
     /// The Host an originate listener sends: the upstream's name, with its port unless it is
     /// the scheme's default.
     host_header: HeaderValue,
+    /// For the app beside a terminate listener (plaintext on loopback): connections kept per
+    /// client connection, see [`crate::pool`].
+    local: Option<Arc<LocalPool>>,
 }
 
 impl HttpUpstream {
@@ -87,8 +91,11 @@ impl HttpUpstream {
         };
         let host_header = HeaderValue::try_from(host_header)
             .expect("a validated upstream address is a valid header value");
+        let local = matches!(target.security, Security::LoopbackPlaintext)
+            .then(|| LocalPool::new(target.clone()));
         HttpUpstream {
             host_header,
+            local,
             client: pooled_client(Connector::Fixed(target.clone())),
             target,
             scheme,
@@ -155,6 +162,15 @@ impl HttpProxy {
         }
     }
 
+    /// The per-connection upstream slot for a new client connection, when this listener
+    /// forwards to the app beside it.
+    pub fn sticky(&self) -> Option<Sticky> {
+        match &self.route {
+            Route::Terminate(upstream) => upstream.local.clone().map(Sticky::new),
+            _ => None,
+        }
+    }
+
     pub fn mode(&self) -> Mode {
         match self.route {
             Route::Terminate(_) => Mode::Terminate,
@@ -183,6 +199,8 @@ pub struct ConnInfo {
     pub idle_timeout: Duration,
     /// Tunnels are spawned here, so a drain waits for them.
     pub tasks: TaskTracker,
+    /// The upstream connection this client connection keeps to the app beside it.
+    pub sticky: Option<Sticky>,
 }
 
 /// Decides and answers one request. Every response is counted by class.
@@ -267,7 +285,14 @@ async fn terminate(
         (Action::Reject, Transport::Plaintext) => upgrade_required(),
         (Action::Reject, Transport::Tls) => local(StatusCode::FORBIDDEN, "forbidden by policy\n"),
         _ => {
-            let (via, scheme, authority) = upstream.pooled();
+            let (via, scheme, authority) = match (&upstream.local, &conn.sticky) {
+                (Some(pool), Some(sticky)) => (
+                    Via::Local(pool, sticky),
+                    upstream.scheme.clone(),
+                    upstream.authority.clone(),
+                ),
+                _ => upstream.pooled(),
+            };
             forward(
                 proxy,
                 conn,
@@ -444,6 +469,8 @@ pub enum Via<'a> {
     Pool(&'a PooledClient),
     /// A fresh connection to addresses the policy approved.
     Pinned(&'a Upstream, Vec<SocketAddr>),
+    /// The client connection's own connection to the app beside it.
+    Local(&'a LocalPool, &'a Sticky),
 }
 
 /// Sends the request on and streams the answer back. The upstream sees the normalised path the
@@ -542,6 +569,7 @@ pub async fn forward(
             .await
             .map_err(|e| Box::new(e) as BoxError),
         Via::Pinned(upstream, addrs) => send_pinned(upstream, &addrs, req).await,
+        Via::Local(pool, sticky) => pool.send(sticky, req).await,
     };
     let mut response = match sent {
         Ok(response) => response,

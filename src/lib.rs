@@ -36,6 +36,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 pub mod relay;
 pub mod tls;
 pub mod upstream;

@@ -319,6 +319,7 @@ impl Conn {
             clock: self.clock.clone(),
             idle_timeout: self.state.settings.idle_timeout,
             tasks: self.tasks.clone(),
+            sticky: self.state.http.as_ref().and_then(HttpProxy::sticky),
         }
     }
 }
@@ -442,12 +443,12 @@ async fn terminate_tls(
             if !until_first_request(conn, &mut stream).await {
                 return;
             }
-            Box::pin(serve_http(
-                conn,
-                stream,
-                conn.info(Transport::Tls, sni, client_verified),
-            ))
-            .await
+            let mut info = conn.info(Transport::Tls, sni, client_verified);
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                // Concurrent streams share the general pool instead.
+                info.sticky = None;
+            }
+            Box::pin(serve_http(conn, stream, info)).await
         }
         Protocol::Tcp => {
             let target = match early {

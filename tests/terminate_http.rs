@@ -652,3 +652,41 @@ async fn neither_a_host_nor_an_upgrade_can_be_smuggled_past_the_policy() {
     assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
     assert_eq!(seen.requests().len(), 2);
 }
+
+#[tokio::test]
+async fn upstream_connections_outlive_clients_and_closed_ones_are_replaced() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&ingress(&ws, up, "")));
+    let addr = proxy.addr("ingress");
+
+    // Ten clients, one request each, one after another: one upstream connection serves all.
+    for i in 0..10 {
+        let (status, _, _) = get_tls(addr, &ws.ca_pem(), "localhost", &format!("/one/{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(seen.connections(), 1);
+
+    // The app closes its side; the next request goes on a new connection, without an error.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
+        .await
+        .unwrap();
+    let mut h1 = H1::new(tls).await;
+    for path in ["/close", "/after-close", "/close", "/after-close-again"] {
+        let (status, _, body) = h1.get("localhost", path).await.unwrap();
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, format!("upstream saw {path}"))
+        );
+    }
+    assert_eq!(seen.connections(), 3);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_upstream_errors_total",
+            &[("listener", "ingress"), ("reason", "protocol")]
+        ),
+        0.0
+    );
+}

@@ -490,6 +490,12 @@ async fn answer(mut req: Request<Incoming>, seen: &Seen) -> Response<Full<Bytes>
     response
         .headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static("yes"));
+    // `/close` answers and closes the connection, like an app whose keep-alive ran out.
+    if path == "/close" {
+        response
+            .headers_mut()
+            .insert("connection", http::HeaderValue::from_static("close"));
+    }
     response
 }
 
