@@ -443,11 +443,7 @@ async fn terminate_tls(
             if !until_first_request(conn, &mut stream).await {
                 return;
             }
-            let mut info = conn.info(Transport::Tls, sni, client_verified);
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                // Concurrent streams share the general pool instead.
-                info.sticky = None;
-            }
+            let info = conn.info(Transport::Tls, sni, client_verified);
             Box::pin(serve_http(conn, stream, info)).await
         }
         Protocol::Tcp => {

@@ -41,25 +41,22 @@ impl LocalPool {
         })
     }
 
-    /// A ready idle connection, dropping the closed and stale ones met on the way.
+    /// The most recently parked connection that is ready for a request. Closed and stale ones
+    /// are dropped; ones still finishing an answer stay for later.
     fn take(&self) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((sender, since)) = idle.pop() {
-            if sender.is_ready() && since.elapsed() < IDLE_FOR {
-                return Some(sender);
-            }
-        }
-        None
+        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_FOR);
+        let ready = idle.iter().rposition(|(sender, _)| sender.is_ready())?;
+        Some(idle.swap_remove(ready).0)
     }
 
-    /// Keeps a connection that is ready for another request; anything else is dropped, which
-    /// closes it once its exchange in flight is over.
+    /// Parks a connection, ready or still streaming an answer; dropped when the list is full
+    /// (which closes it once its exchange in flight is over).
     fn put(&self, sender: SendRequest<Incoming>) {
-        if !sender.is_ready() {
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_FOR);
         if idle.len() < MAX_IDLE {
             idle.push((sender, Instant::now()));
         }
