@@ -72,12 +72,28 @@ fn respond(
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+            // OpenMetrics for scrapers that ask for it (Prometheus does), the classic
+            // Prometheus text format for everyone else (curl, older tools).
+            let open_metrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let (body, content_type) = if open_metrics {
+                (
+                    metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                (
+                    metrics.encode_prometheus(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static(content_type),
             );
             response
         }

@@ -1215,7 +1215,8 @@ impl Ctx<'_> {
             }
             let narrowed_beyond_source = cidrs_narrow(destination.as_deref())
                 || !server_name.is_empty()
-                || path_prefix.iter().any(|p| p != "/");
+                // `/` among the prefixes matches every path: no narrowing at all.
+                || (!path_prefix.is_empty() && path_prefix.iter().all(|p| p != "/"));
             let narrowed = narrowed_beyond_source || cidrs_narrow(source.as_deref());
             let plaintext_possible =
                 transport != Some(Transport::Tls) && client_verified != Some(true);

@@ -42,6 +42,8 @@ use crate::upstream::{DynamicConnector, Security, Upstream};
 /// The largest HTTP request head accepted (HTTP/1 request line + headers, HTTP/2 header list);
 /// beyond it, HTTP/1 gets 431.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Header fields in one HTTP/1 request head; beyond it, 431.
+pub const MAX_REQUEST_HEADERS: usize = 200;
 /// Concurrent streams per HTTP/2 connection.
 pub const MAX_H2_STREAMS: u32 = 256;
 
@@ -237,6 +239,7 @@ fn http_server(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
         .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_REQUEST_HEADERS)
         .keep_alive(true)
         .writev(false);
     builder

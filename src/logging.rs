@@ -16,7 +16,13 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `level` comes from config; `RUST_LOG`, when set, overrides it.
 pub fn init(level: &str, format: LogFormat) {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::new(directives),
+        // A RUST_LOG that does not parse falls back to the config's level rather than
+        // silencing everything.
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .unwrap_or_else(|_| {
+                eprintln!("ignoring RUST_LOG: not a valid filter; using log.level = {level}");
+                EnvFilter::new(level)
+            }),
         _ => EnvFilter::new(level),
     };
     let ours = filter_fn(|meta| is_ours(meta.target()));

@@ -198,7 +198,11 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         source: args.source,
         server_name: server_name.as_deref(),
         path: path.as_deref(),
-        destination: args.destination,
+        // A fixed upstream given as an IP literal is the destination, without any lookup.
+        destination: args.destination.or_else(|| match listener.mode {
+            Mode::Originate => listener.upstream.as_ref().and_then(|u| u.ip()),
+            Mode::Terminate => None,
+        }),
         client_verified: args.client_verified,
     };
     let decision = policy::decide(&listener.policy, &facts);
@@ -256,6 +260,10 @@ fn effect(
         (Mode::Originate, Http, Action::Reject, _) => "403 Forbidden naming the rule".into(),
         (Mode::Originate, Tcp, Action::Reject, _) => "connection closed".into(),
         (Mode::Originate, _, Action::Upgrade, _) => "sent on with verified TLS".into(),
+        // Audit never opens a plaintext leg: an audited rejection goes on over TLS.
+        (Mode::Originate, _, Action::Allow, Transport::Plaintext) if audited => {
+            "sent on with verified TLS".into()
+        }
         (Mode::Originate, _, Action::Allow, Transport::Plaintext) => {
             "sent on in plaintext (a narrowed, counted exception)".into()
         }
@@ -295,6 +303,15 @@ fn certs_init(dir: PathBuf, names: Vec<String>, days: u32, force: bool) -> ExitC
     } else {
         names
     };
+    if let Some(bad) = names
+        .iter()
+        .find(|n| n.parse::<std::net::IpAddr>().is_err() && policy::NamePattern::parse(n).is_err())
+    {
+        eprintln!(
+            "error: --name `{bad}` is not a DNS name, a `*.suffix` wildcard or an IP address"
+        );
+        return ExitCode::from(2);
+    }
     match ciphergate::certs::init(&dir, &names, days, force) {
         Ok(files) => {
             for file in files {

@@ -474,11 +474,47 @@ impl Metrics {
             .inc();
     }
 
-    /// The whole registry in the Prometheus/OpenMetrics text format.
+    /// The whole registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The whole registry in the Prometheus text format 0.0.4: as OpenMetrics, but counter
+    /// families are named with their `_total` suffix in `# HELP`/`# TYPE`, and no `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        let open_metrics = self.encode();
+        let counters: Vec<&str> = open_metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(open_metrics.len() + 256);
+        for line in open_metrics.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            let meta = line
+                .strip_prefix("# HELP ")
+                .map(|rest| ("# HELP ", rest))
+                .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+            match meta {
+                Some((kind, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let suffix = if counters.contains(&name) {
+                        "_total"
+                    } else {
+                        ""
+                    };
+                    let _ = writeln!(out, "{kind}{name}{suffix} {tail}");
+                }
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
         out
     }
 }

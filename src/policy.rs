@@ -160,9 +160,12 @@ impl Rule {
         if self.transport.is_some_and(|t| t != facts.transport) {
             return false;
         }
+        // An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; rules are
+        // written for `a.b.c.d`.
         if !self.source.is_empty()
             && !facts
                 .source
+                .map(|ip| ip.to_canonical())
                 .is_some_and(|ip| self.source.iter().any(|net| net.contains(&ip)))
         {
             return false;
@@ -170,6 +173,7 @@ impl Rule {
         if !self.destination.is_empty()
             && !facts
                 .destination
+                .map(|ip| ip.to_canonical())
                 .is_some_and(|ip| self.destination.iter().any(|net| net.contains(&ip)))
         {
             return false;
@@ -526,6 +530,18 @@ mod tests {
         assert_eq!((d.rule, d.action), (Some(0), Action::Allow));
         f.source = Some("192.0.2.1".parse().unwrap());
         assert_eq!(decide(&p, &f).rule, None);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_match_ipv4_rules() {
+        let mut r = rule("v4", Action::Reject);
+        r.source = vec!["127.0.0.0/8".parse().unwrap()];
+        r.destination = vec!["192.0.2.0/24".parse().unwrap()];
+        let p = policy(Mode::Originate, vec![r]);
+        let mut f = facts(Transport::Tls);
+        f.source = Some("::ffff:127.0.0.1".parse().unwrap());
+        f.destination = Some("::ffff:192.0.2.7".parse().unwrap());
+        assert_eq!(decide(&p, &f).rule, Some(0));
     }
 
     #[test]

@@ -394,6 +394,17 @@ fn certs_init_never_overwrites_without_force() {
         server,
         std::fs::read_to_string(Path::new(certs).join("server.crt")).unwrap()
     );
+    let (code, _, err) = run(&mut cg(&[
+        "certs",
+        "init",
+        "--dir",
+        certs,
+        "--force",
+        "--name",
+        "bad name!",
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`bad name!` is not a DNS name"), "{err}");
     let (code, _, _) = run(&mut cg(&["certs", "init", "--dir", certs, "--force"]));
     assert_eq!(code, 0);
     assert_ne!(
@@ -583,6 +594,13 @@ source = ["0.0.0.0/1", "128.0.0.0/1"]
 action = "allow"
 
 [[rule]]
+name = "slash-among-others"
+listeners = ["ingress"]
+transport = "plaintext"
+path_prefix = ["/x", "/"]
+action = "allow"
+
+[[rule]]
 name = "local-app"
 listeners = ["proxy"]
 transport = "plaintext"
@@ -600,11 +618,12 @@ action = "allow"
         "defaults.handshake_timeout: must be at most 7 days",
         "listener[1].upstream_tls.client_cert: a forward proxy would present this certificate",
         "rule[0].action: a blanket plaintext `allow` is not permitted",
-        "rule[1].action: a plaintext `allow` on originate listener `proxy` must be narrowed",
+        "rule[1].action: a blanket plaintext `allow` is not permitted",
+        "rule[2].action: a plaintext `allow` on originate listener `proxy` must be narrowed",
     ] {
         assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
     }
-    assert!(err.contains("5 errors"), "{err}");
+    assert!(err.contains("6 errors"), "{err}");
 }
 
 #[test]

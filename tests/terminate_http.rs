@@ -690,3 +690,78 @@ async fn upstream_connections_outlive_clients_and_closed_ones_are_replaced() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_meet_ipv4_rules() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let config = format!(
+        "{}[[listener]]\nname = \"dual\"\nbind = \"[::]:0\"\nupstream = \"{up}\"\n{}\n[[rule]]\nname = \"no-loopback-v4\"\ntransport = \"tls\"\nsource = [\"127.0.0.0/8\"]\naction = \"reject\"\n",
+        preamble("info"),
+        ws.certs_table()
+    );
+    let proxy = ProxyProcess::start(&ws.config(&config));
+    // The socket is bound to [::]; the client comes over IPv4, seen as ::ffff:127.0.0.1.
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port("dual")));
+    let (status, _, _) = get_tls(v4, &ws.ca_pem(), "localhost", "/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(seen.connections(), 0);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_decisions_total",
+            &[
+                ("listener", "dual"),
+                ("rule", "no-loopback-v4"),
+                ("action", "reject")
+            ]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn metrics_come_as_prometheus_text_or_openmetrics_on_request() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&ingress(&ws, up, "")));
+    let (status, headers, body) = get_plain(proxy.admin, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    assert!(
+        body.contains("# TYPE ciphergate_connections_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE ciphergate_connections_active gauge"),
+        "{body}"
+    );
+    assert!(!body.contains("# EOF"));
+
+    let tcp = TcpStream::connect(proxy.admin).await.unwrap();
+    let req = Request::get("/metrics")
+        .header("host", "localhost")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (_, headers, body) = H1::new(tcp).await.send(req).await.unwrap();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(
+        body.contains("# TYPE ciphergate_connections counter"),
+        "{body}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"));
+}
