@@ -144,21 +144,10 @@ async fn absolute(
     let Some(authority) = authority_for(&host, port) else {
         return not_a_proxy_request();
     };
-    match approved {
-        None => {
-            let via = Via::Pool(&fp.client);
-            forward(
-                proxy,
-                conn,
-                req,
-                rewritten.as_deref(),
-                HostHeader::Destination,
-                scheme,
-                authority,
-                via,
-            )
-            .await
-        }
+    // With approved addresses, a fresh connection to them; otherwise the pool.
+    let pinned;
+    let via = match approved {
+        None => Via::Pool(&fp.client),
         Some(addrs) => {
             let uri = http::Uri::builder()
                 .scheme(scheme.clone())
@@ -168,24 +157,25 @@ async fn absolute(
             let Some(upstream) = uri.ok().and_then(|u| fp.connector.upstream_for(&u)) else {
                 return not_a_proxy_request();
             };
+            pinned = upstream;
             let addrs = addrs
                 .into_iter()
                 .map(|a| SocketAddr::new(a.ip(), port))
                 .collect();
-            let via = Via::Pinned(&upstream, addrs);
-            forward(
-                proxy,
-                conn,
-                req,
-                rewritten.as_deref(),
-                HostHeader::Destination,
-                scheme,
-                authority,
-                via,
-            )
-            .await
+            Via::Pinned(&pinned, addrs)
         }
-    }
+    };
+    forward(
+        proxy,
+        conn,
+        req,
+        rewritten.as_deref(),
+        HostHeader::Destination,
+        scheme,
+        authority,
+        via,
+    )
+    .await
 }
 
 /// `CONNECT host:port`: 200, then relay only a TLS ClientHello (or plaintext a rule allows).

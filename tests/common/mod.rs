@@ -678,6 +678,23 @@ pub async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// Reads `stream` until the proxy closes it and asserts that took about one second (a 1 s
+/// timeout): at least 0.8 s, under 5 s.
+pub async fn assert_closed_after_about_a_second<S>(stream: &mut S, what: &str)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "{what} stayed open");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{what} closed after {waited:?}"
+    );
+}
+
 /// Runs a command and returns (exit code, stdout, stderr).
 pub fn run(command: &mut Command) -> (i32, String, String) {
     let out = command.output().expect("run command");
