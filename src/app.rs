@@ -19,6 +19,7 @@ use crate::admin::{self, Readiness};
 use crate::config::{self, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +33,8 @@ pub enum AppError {
     Build(#[from] BuildError),
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(io::Error),
 }
 
 /// One bound listener and the state its accept loop reads.
@@ -55,6 +58,7 @@ pub struct Proxy {
     listeners: Vec<ListenerHandle>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    workers: Arc<Workers>,
     admin_addr: SocketAddr,
     admin_task: JoinHandle<()>,
 }
@@ -62,6 +66,7 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the admin endpoint and every listener, and starts accepting.
     pub async fn start(config: &Config) -> Result<Proxy, AppError> {
+        let workers = Workers::start(Workers::default_count()).map_err(AppError::Workers)?;
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::default());
         let admin = TcpListener::bind(config.admin.bind)
@@ -81,6 +86,7 @@ impl Proxy {
             listeners: Vec::new(),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            workers,
             admin_addr,
             admin_task,
         };
@@ -159,6 +165,7 @@ impl Proxy {
             state.clone(),
             stop.clone(),
             self.connections.clone(),
+            self.workers.clone(),
         ));
         info!(listener = %name, bind = %local_addr, "listening");
         self.listeners.push(ListenerHandle {

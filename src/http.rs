@@ -40,23 +40,27 @@ use crate::metrics::{ListenerMetrics, UpstreamFailure};
 use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Transport};
 use crate::pool::{LocalPool, Sticky};
 use crate::upstream::{Connector, Security, Upstream};
+use crate::workers::PerWorker;
 
 /// The body of every response ciphergate sends: the upstream's, streamed, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// A pooled upstream client (keep-alive HTTP/1.1, or HTTP/2 when ALPN says so).
-pub type PooledClient = Client<Connector, Incoming>;
+/// A pooled upstream client (keep-alive HTTP/1.1, or HTTP/2 when ALPN says so), one pool per
+/// worker.
+pub type PooledClient = PerWorker<Client<Connector, Incoming>>;
 
 /// How long an unused pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub fn pooled_client(connector: Connector) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .http2_adaptive_window(true)
-        .build(connector)
+    PerWorker::new(|| {
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http2_adaptive_window(true)
+            .build(connector.clone())
+    })
 }
 
 /// One fixed upstream as the HTTP side uses it: how to reach it, a pooled client, and the URI
@@ -565,6 +569,7 @@ pub async fn forward(
     let req = Request::from_parts(parts, body);
     let sent = match via {
         Via::Pool(client) => client
+            .get()
             .request(req)
             .await
             .map_err(|e| Box::new(e) as BoxError),

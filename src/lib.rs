@@ -40,3 +40,4 @@ pub mod pool;
 pub mod relay;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -38,6 +38,7 @@ use crate::io::{IdleClock, Metered};
 use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
 use crate::upstream::{DynamicConnector, Security, Upstream};
+use crate::workers::Workers;
 
 /// The largest HTTP request head accepted (HTTP/1 request line + headers, HTTP/2 header list);
 /// beyond it, HTTP/1 gets 431.
@@ -257,6 +258,7 @@ pub async fn accept_loop(
     state: Arc<ArcSwap<ListenerState>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    workers: Arc<Workers>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -281,15 +283,15 @@ pub async fn accept_loop(
             _active: state.metrics.active_guard(),
             _permit: permit,
         });
+        // Leave the accept loop's reactor; the worker registers the socket with its own.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
         let tasks = connections.clone();
-        connections.spawn(connection(
-            state,
-            stream,
-            peer,
-            held,
-            shutdown.clone(),
-            tasks,
-        ));
+        workers.spawn(
+            &connections,
+            connection(state, stream, peer, held, shutdown.clone(), tasks),
+        );
     }
 }
 
@@ -331,12 +333,16 @@ impl Conn {
 /// closes them.
 async fn connection(
     state: Arc<ListenerState>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     held: Arc<Held>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    // Register the socket with this worker's reactor, so its readiness wakes this thread.
+    let Ok(stream) = TcpStream::from_std(stream) else {
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + state.settings.handshake_timeout;
     // Originate listeners carry the local app's bytes as plaintext (detection would stall

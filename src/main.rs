@@ -278,7 +278,9 @@ fn run(arg: &ConfigArg) -> ExitCode {
         Err(code) => return code,
     };
     ciphergate::logging::init(&config.log.level, config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Connections run on their own per-core runtimes (`workers`); this one accepts, serves
+    // the admin endpoint and applies reloads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

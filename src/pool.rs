@@ -19,32 +19,41 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::upstream::Upstream;
+use crate::workers::PerWorker;
 
 /// How long an unused upstream connection is kept.
 const IDLE_FOR: Duration = Duration::from_secs(90);
-/// How many unused upstream connections are kept.
+/// How many unused upstream connections each worker keeps.
 const MAX_IDLE: usize = 512;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Idle HTTP/1 connections to one upstream, most recently used last.
+type Idle = Mutex<Vec<(SendRequest<Incoming>, Instant)>>;
+
+/// Idle HTTP/1 connections to one upstream, most recently used last, one list per worker: a
+/// connection is driven by the worker that opened it, and only requests from that worker's
+/// client connections are sent on it, so no request crosses threads.
 pub struct LocalPool {
     target: Arc<Upstream>,
-    idle: Mutex<Vec<(SendRequest<Incoming>, Instant)>>,
+    idle: PerWorker<Idle>,
 }
 
 impl LocalPool {
     pub fn new(target: Arc<Upstream>) -> Arc<Self> {
         Arc::new(LocalPool {
             target,
-            idle: Mutex::new(Vec::new()),
+            idle: PerWorker::new(Idle::default),
         })
     }
 
     /// The most recently parked connection that is ready for a request. Closed and stale ones
     /// are dropped; ones still finishing an answer stay for later.
     fn take(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle
+            .get()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_FOR);
         let ready = idle.iter().rposition(|(sender, _)| sender.is_ready())?;
         Some(idle.swap_remove(ready).0)
@@ -56,7 +65,11 @@ impl LocalPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle
+            .get()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push((sender, Instant::now()));
         }

@@ -54,16 +54,18 @@ async fn a_fixed_upstream_gets_verified_pooled_tls_and_h2_when_offered() {
             &upstream_tls(&ca, "")
         ),
     );
-    let proxy = ProxyProcess::start(&ws.config(&config));
+    let proxy = ProxyProcess::start_with_env(&ws.config(&config), &[("TOKIO_WORKER_THREADS", "2")]);
 
-    for i in 0..3 {
+    // Client connections are dealt to the two workers in turn; each worker pools its own
+    // upstream connections, so six requests make two connections and two handshakes.
+    for i in 0..6 {
         let (status, body) = app_get(&proxy, "api", &format!("/call/{i}")).await;
         assert_eq!(
             (status, body.as_str()),
             (StatusCode::OK, &*format!("upstream saw /call/{i}"))
         );
     }
-    assert_eq!(h1_seen.connections(), 1, "upstream connections are pooled");
+    assert_eq!(h1_seen.connections(), 2, "upstream connections are pooled");
     let (status, _) = app_get(&proxy, "api-h2", "/over-h2").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h2_seen.requests()[0].version, Version::HTTP_2);
@@ -76,14 +78,14 @@ async fn a_fixed_upstream_gets_verified_pooled_tls_and_h2_when_offered() {
             "ciphergate_decisions_total",
             &[l, ("rule", "default"), ("action", "upgrade")]
         ),
-        3.0
+        6.0
     );
     assert_eq!(
         m.get(
             "ciphergate_tls_handshakes_total",
             &[l, ("leg", "upstream"), ("outcome", "ok")]
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         m.get(
@@ -95,7 +97,7 @@ async fn a_fixed_upstream_gets_verified_pooled_tls_and_h2_when_offered() {
                 ("group", "x25519mlkem768")
             ]
         ),
-        1.0
+        2.0
     );
     // No X-Forwarded-Proto is added on the way out of the host.
     assert!(

@@ -657,15 +657,19 @@ async fn neither_a_host_nor_an_upgrade_can_be_smuggled_past_the_policy() {
 async fn upstream_connections_outlive_clients_and_closed_ones_are_replaced() {
     let ws = Workspace::new();
     let (up, seen) = http_upstream().await;
-    let proxy = ProxyProcess::start(&ws.config(&ingress(&ws, up, "")));
+    let proxy = ProxyProcess::start_with_env(
+        &ws.config(&ingress(&ws, up, "")),
+        &[("TOKIO_WORKER_THREADS", "2")],
+    );
     let addr = proxy.addr("ingress");
 
-    // Ten clients, one request each, one after another: one upstream connection serves all.
+    // Ten clients, one request each, one after another. Connections are dealt to the two
+    // workers in turn and each worker keeps its own idle upstream connections: two serve all.
     for i in 0..10 {
         let (status, _, _) = get_tls(addr, &ws.ca_pem(), "localhost", &format!("/one/{i}")).await;
         assert_eq!(status, StatusCode::OK);
     }
-    assert_eq!(seen.connections(), 1);
+    assert_eq!(seen.connections(), 2);
 
     // The app closes its side; the next request goes on a new connection, without an error.
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -680,7 +684,8 @@ async fn upstream_connections_outlive_clients_and_closed_ones_are_replaced() {
             (StatusCode::OK, format!("upstream saw {path}"))
         );
     }
-    assert_eq!(seen.connections(), 3);
+    // The first /close ends the worker's idle connection, the second the one opened after it.
+    assert_eq!(seen.connections(), 4);
     let m = proxy.metrics().await;
     assert_eq!(
         m.get(
