@@ -11,7 +11,9 @@
 //! Nothing here logs: a connection's fate is visible only in counters.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -347,9 +349,12 @@ async fn connection(
     let deadline = Instant::now() + state.settings.handshake_timeout;
     // Originate listeners carry the local app's bytes as plaintext (detection would stall
     // protocols where the server speaks first); terminate listeners look at the first byte.
-    let detected = match (&state.tls, timeout_at(deadline, detect(&stream))) {
-        (None, _) => Detected::Plaintext,
-        (Some(_), detecting) => match detecting.await {
+    let detected = if state.tls.is_none() {
+        Detected::Plaintext
+    } else {
+        let detecting: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(timeout_at(deadline, detect(&stream)));
+        match detecting.await {
             Ok(Ok(detected)) => detected,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -359,7 +364,7 @@ async fn connection(
                     .handshake(Leg::Downstream, HandshakeOutcome::Timeout);
                 return;
             }
-        },
+        }
     };
     let clock = IdleClock::new();
     let io = Metered::new(stream, state.metrics.byte_counters(), clock.clone());
@@ -371,48 +376,96 @@ async fn connection(
         shutdown,
         tasks,
     };
+    serve(&conn, detected, io, deadline).await
+}
+
+/// The connection's next stage, boxed: an async fn is as large as its largest state, and a
+/// connection's task should not carry the handshake's state, or the HTTP machinery it may never
+/// reach, for as long as it is open.
+fn serve(
+    conn: &Conn,
+    detected: Detected,
+    io: Metered<TcpStream>,
+    deadline: Instant,
+) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     match (detected, conn.state.tls.clone()) {
-        (Detected::Closed, _) => {}
-        // Each stage is boxed when it starts: an async fn is as large as its largest state, and
-        // a quiet connection should not pay for the HTTP machinery it has not reached.
-        (Detected::Tls, Some(tls)) => Box::pin(terminate_tls(&conn, io, tls, deadline)).await,
+        (Detected::Closed, _) => Box::pin(std::future::ready(())),
+        (Detected::Tls, Some(tls)) => Box::pin(terminate_tls(conn, io, tls, deadline)),
         (_, _) => {
             conn.state.metrics.connection(Transport::Plaintext);
             match conn.state.protocol {
-                Protocol::Http => {
-                    Box::pin(serve_http(
-                        &conn,
-                        io,
-                        conn.info(Transport::Plaintext, None, false),
-                    ))
-                    .await
-                }
-                Protocol::Tcp => {
+                Protocol::Http => Box::pin(serve_http(
+                    conn,
+                    io,
+                    conn.info(Transport::Plaintext, None, false),
+                )),
+                Protocol::Tcp => Box::pin(async move {
                     if let Some((upstream, addrs)) =
-                        decide_tcp(&conn, Transport::Plaintext, None, false).await
+                        decide_tcp(conn, Transport::Plaintext, None, false).await
                     {
-                        Box::pin(relay_to(&conn, io, &upstream, addrs)).await
+                        relay_to(conn, io, &upstream, addrs).await
                     }
-                }
+                }),
             }
         }
     }
 }
 
-/// The TLS handshake of a terminate listener, then the connection's protocol.
+/// A terminate listener's TLS connection: the handshake, then what the connection carries,
+/// each boxed in turn so the handshake's state is gone before the connection settles down.
 async fn terminate_tls(
     conn: &Conn,
     io: Metered<TcpStream>,
     config: Arc<ServerConfig>,
     deadline: Instant,
 ) {
+    let handshake: Pin<Box<dyn Future<Output = Option<Established>> + Send + '_>> =
+        Box::pin(tls_handshake(conn, io, config, deadline));
+    if let Some(tls) = handshake.await {
+        next(after_handshake(conn, tls)).await
+    }
+}
+
+/// Boxes a connection's next stage outside the async fn that awaits it, so that fn does not
+/// keep room for the stage's future as a temporary.
+fn next<'a>(
+    stage: impl Future<Output = ()> + Send + 'a,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(stage)
+}
+
+/// A TLS connection whose handshake completed. The stream is boxed: it is the largest thing a
+/// connection holds (the rustls session), and every later stage only moves the pointer.
+struct Established {
+    stream: Box<tokio_rustls::server::TlsStream<Metered<TcpStream>>>,
+    sni: Option<Box<str>>,
+    client_verified: bool,
+    /// A tcp listener's decision, when it was made before the handshake finished.
+    early: Option<(Arc<Upstream>, Option<Vec<SocketAddr>>)>,
+}
+
+/// The TLS handshake of a terminate listener. Its future is large (the ClientHello stage, the
+/// handshake's own state); it is dropped before the connection moves on, so a connection that
+/// sits open holds only what [`after_handshake`] needs.
+async fn tls_handshake(
+    conn: &Conn,
+    io: Metered<TcpStream>,
+    config: Arc<ServerConfig>,
+    deadline: Instant,
+) -> Option<Established> {
     let state = &conn.state;
     let metrics = &state.metrics;
     metrics.connection(Transport::Tls);
     let start = match timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io)).await {
         Ok(Ok(start)) => start,
-        Ok(Err(_)) => return metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed),
-        Err(_) => return metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout),
+        Ok(Err(_)) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed);
+            return None;
+        }
+        Err(_) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout);
+            return None;
+        }
     };
     let sni: Option<Box<str>> = start
         .client_hello()
@@ -422,18 +475,21 @@ async fn terminate_tls(
     // A tcp listener refuses before the handshake completes, unless a rule needs to know
     // whether the client certificate verified.
     let early = if state.protocol == Protocol::Tcp && !state.policy.needs_client_verified() {
-        match decide_tcp(conn, Transport::Tls, sni.as_deref(), false).await {
-            Some(target) => Some(target),
-            None => return,
-        }
+        Some(decide_tcp(conn, Transport::Tls, sni.as_deref(), false).await?)
     } else {
         None
     };
 
     let stream = match timeout_at(deadline, start.into_stream(config)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(_)) => return metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed),
-        Err(_) => return metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout),
+        Ok(Err(_)) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed);
+            return None;
+        }
+        Err(_) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout);
+            return None;
+        }
     };
     metrics.handshake(Leg::Downstream, HandshakeOutcome::Ok);
     let session = stream.get_ref().1;
@@ -445,23 +501,45 @@ async fn terminate_tls(
     let client_verified = session
         .peer_certificates()
         .is_some_and(|chain| !chain.is_empty());
+    Some(Established {
+        stream: Box::new(stream),
+        sni,
+        client_verified,
+        early,
+    })
+}
 
-    match state.protocol {
+/// A terminated TLS connection's protocol.
+async fn after_handshake(conn: &Conn, tls: Established) {
+    let Established {
+        mut stream,
+        sni,
+        client_verified,
+        early,
+    } = tls;
+    match conn.state.protocol {
         Protocol::Http => {
-            let mut stream = stream;
             if !until_first_request(conn, &mut stream).await {
                 return;
             }
             let info = conn.info(Transport::Tls, sni, client_verified);
-            Box::pin(serve_http(conn, stream, info)).await
+            next(serve_http(conn, stream, info)).await
         }
         Protocol::Tcp => {
             let target = match early {
                 Some(target) => Some(target),
-                None => decide_tcp(conn, Transport::Tls, sni.as_deref(), client_verified).await,
+                None => {
+                    Box::pin(decide_tcp(
+                        conn,
+                        Transport::Tls,
+                        sni.as_deref(),
+                        client_verified,
+                    ))
+                    .await
+                }
             };
             if let Some((upstream, addrs)) = target {
-                Box::pin(relay_to(conn, stream, &upstream, addrs)).await
+                next(relay_to(conn, stream, &upstream, addrs)).await
             }
         }
     }
