@@ -523,7 +523,16 @@ pub async fn forward(
         // A fixed upstream is connected to whatever the URI says, so the URI can carry the
         // client's host: HTTP/2 upstreams then see it as `:authority`.
         HostHeader::FromRequest => {
-            let value = from_request();
+            // An HTTP/1.0 client may send no Host, but the upstream gets HTTP/1.1, which
+            // requires one (an app would answer 400 and close): the name the client connected
+            // to, else the upstream's own.
+            let value = from_request()
+                .or_else(|| {
+                    conn.sni
+                        .as_deref()
+                        .and_then(|sni| HeaderValue::from_str(sni).ok())
+                })
+                .or_else(|| HeaderValue::from_str(authority.as_str()).ok());
             let carried = value
                 .as_ref()
                 .and_then(|v| Authority::try_from(v.as_bytes()).ok())

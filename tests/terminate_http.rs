@@ -8,7 +8,7 @@ use std::process::Command;
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, StatusCode};
+use http::{Request, StatusCode, Version};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -769,4 +769,42 @@ async fn metrics_come_as_prometheus_text_or_openmetrics_on_request() {
         "{body}"
     );
     assert!(body.trim_end().ends_with("# EOF"));
+}
+
+#[tokio::test]
+async fn http10_requests_without_host_reach_the_app_as_http11_with_a_host() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let proxy = ProxyProcess::start_with_env(
+        &ws.config(&ingress(&ws, up, "")),
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    let port = proxy.port("ingress");
+
+    // curl --http1.0 with `-H Host:` sends `GET /old/N HTTP/1.0` and no Host at all.
+    for round in 0..2 {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-sS",
+            "--http1.0",
+            "-H",
+            "Host:",
+            "--cacert",
+            &ws.p("ca.crt"),
+        ])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .arg(format!("https://localhost:{port}/old/{round}"));
+        let (code, out, err) = run_async(curl).await;
+        assert_eq!(code, 0, "curl failed: {err}");
+        assert_eq!(out, format!("upstream saw /old/{round}"));
+    }
+    let requests = seen.requests();
+    assert_eq!(requests.len(), 2);
+    for req in &requests {
+        // The name the client connected to (its SNI), on HTTP/1.1.
+        assert_eq!(req.headers["host"], "localhost");
+        assert_eq!(req.version, Version::HTTP_11);
+    }
+    // Both client connections used the same kept-alive upstream connection.
+    assert_eq!(seen.connections(), 1);
 }

@@ -39,7 +39,7 @@ pub fn certified_key(
 }
 
 /// Builds the listener's TLS config: its certificates chosen by SNI, its version floor, client
-/// authentication when configured, and ALPN `h2`/`http/1.1` on http listeners.
+/// authentication when configured, and ALPN `h2`/`http/1.1`/`http/1.0` on http listeners.
 pub fn server_config(listener: &ListenerConfig) -> Result<Arc<ServerConfig>, ServerTlsError> {
     let fail = |reason: String| ServerTlsError::Build {
         listener: listener.name.clone(),
@@ -82,7 +82,9 @@ pub fn server_config(listener: &ListenerConfig) -> Result<Arc<ServerConfig>, Ser
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { entries }));
     config.ignore_client_order = true;
     if listener.protocol == Protocol::Http {
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too: `curl --http1.0` offers only that, and a server that knows none of a
+        // client's protocols must refuse the handshake.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     }
     if require_client_cert {
         // A resumed session must never stand in for a certificate check.
