@@ -3,9 +3,10 @@
 //!
 //! # How one connection flows
 //!
-//! 1. [`listener`] accepts it (or closes it at once when the listener is at `max_connections`)
-//!    and takes a snapshot of the listener's live state, so a reload never changes a
-//!    connection midway.
+//! 1. [`listener`] accepts it (or closes it at once when the listener is at `max_connections`),
+//!    takes a snapshot of the listener's live state, so a reload never changes a connection
+//!    midway, and hands it to the next of the per-core [`workers`], where it stays until it
+//!    closes, with the upstream connections it uses ([`pool`]).
 //! 2. [`detect`] peeks at the first byte: a TLS handshake record, or plaintext.
 //! 3. TLS on a terminate listener: [`tls::server`] picks a certificate by SNI and runs the
 //!    handshake (client certificates verified when configured), all under `handshake_timeout`.
