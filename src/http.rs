@@ -525,14 +525,16 @@ pub async fn forward(
         HostHeader::FromRequest => {
             // An HTTP/1.0 client may send no Host, but the upstream gets HTTP/1.1, which
             // requires one (an app would answer 400 and close): the name the client connected
-            // to, else the upstream's own.
-            let value = from_request()
-                .or_else(|| {
-                    conn.sni
-                        .as_deref()
-                        .and_then(|sni| HeaderValue::from_str(sni).ok())
-                })
-                .or_else(|| HeaderValue::from_str(authority.as_str()).ok());
+            // to, else the upstream's own, as the server's default authority (RFC 9112 §3.3).
+            // Later versions must send one; without it the app answers as it sees fit.
+            let default_host = || {
+                let name = conn.sni.as_deref().unwrap_or(authority.as_str());
+                HeaderValue::from_str(name).ok()
+            };
+            let value = match from_request() {
+                None if parts.version == Version::HTTP_10 => default_host(),
+                value => value,
+            };
             let carried = value
                 .as_ref()
                 .and_then(|v| Authority::try_from(v.as_bytes()).ok())

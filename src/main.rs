@@ -279,8 +279,11 @@ fn run(arg: &ConfigArg) -> ExitCode {
     };
     ciphergate::logging::init(&config.log.level, config.log.format);
     // Connections run on their own per-core runtimes (`workers`); this one accepts, serves
-    // the admin endpoint and applies reloads.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // the admin endpoint and applies reloads. Two threads, so reading files for a reload (or a
+    // slow mounted volume) never holds up accepting and `/healthz`.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ciphergate-main")
         .enable_all()
         .build()
     {

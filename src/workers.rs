@@ -42,28 +42,46 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` worker threads (at least one).
+    /// Starts `count` worker threads (at least one). Each builds its runtime on its own thread,
+    /// so a failure part-way drops nothing inside the caller's runtime, and the workers already
+    /// started stop again.
     pub fn start(count: usize) -> io::Result<Arc<Workers>> {
+        let count = count.max(1);
+        COUNT.fetch_max(count, Ordering::Relaxed);
         let stop = CancellationToken::new();
-        COUNT.fetch_max(count.max(1), Ordering::Relaxed);
-        let mut handles = Vec::with_capacity(count.max(1));
-        for i in 0..count.max(1) {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
+        // Stops the threads started so far if a later one fails.
+        let guard = stop.clone().drop_guard();
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("ciphergate-worker-{i}"))
                 .spawn(move || {
+                    let runtime = match Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
                     INDEX.with(|index| index.set(i));
+                    if tx.send(Ok(runtime.handle().clone())).is_err() {
+                        return;
+                    }
                     runtime.block_on(stop.cancelled());
                     // Name lookups run on the blocking pool and are bounded by connect_timeout.
                     runtime.shutdown_timeout(Duration::from_millis(100));
                 })?;
+            let handle = rx
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended while starting"))??;
+            handles.push(handle);
         }
         Ok(Arc::new(Workers {
             handles: handles.into_boxed_slice(),
             next: AtomicUsize::new(0),
-            stop,
+            stop: guard.disarm(),
         }))
     }
 

@@ -807,4 +807,22 @@ async fn http10_requests_without_host_reach_the_app_as_http11_with_a_host() {
     }
     // Both client connections used the same kept-alive upstream connection.
     assert_eq!(seen.connections(), 1);
+
+    // HTTP/1.1 requires a Host; a request without one gets no made-up name.
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--http1.1",
+        "-H",
+        "Host:",
+        "--cacert",
+        &ws.p("ca.crt"),
+    ])
+    .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+    .arg(format!("https://localhost:{port}/new"));
+    let (code, _, err) = run_async(curl).await;
+    assert_eq!(code, 0, "curl failed: {err}");
+    let requests = seen.requests();
+    assert_eq!(requests[2].path_and_query, "/new");
+    assert!(!requests[2].headers.contains_key("host"));
 }
