@@ -473,17 +473,8 @@ async fn tls_handshake(
     let state = &conn.state;
     let metrics = &state.metrics;
     metrics.connection(Transport::Tls);
-    let start = match timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io)).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(_)) => {
-            metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed);
-            return None;
-        }
-        Err(_) => {
-            metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout);
-            return None;
-        }
-    };
+    let hello = timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io)).await;
+    let start = handshake_step(metrics, hello)?;
     let sni: Option<Box<str>> = start
         .client_hello()
         .server_name()
@@ -497,17 +488,10 @@ async fn tls_handshake(
         None
     };
 
-    let stream = match timeout_at(deadline, start.into_stream(config)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(_)) => {
-            metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed);
-            return None;
-        }
-        Err(_) => {
-            metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout);
-            return None;
-        }
-    };
+    let stream = handshake_step(
+        metrics,
+        timeout_at(deadline, start.into_stream(config)).await,
+    )?;
     metrics.handshake(Leg::Downstream, HandshakeOutcome::Ok);
     let session = stream.get_ref().1;
     let (version, group) = crate::tls::session_labels(
@@ -524,6 +508,25 @@ async fn tls_handshake(
         client_verified,
         early,
     })
+}
+
+/// One step of a downstream handshake under `handshake_timeout`: its result, or `None` with
+/// the failure or the timeout counted.
+fn handshake_step<T, E>(
+    metrics: &ListenerMetrics,
+    step: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> Option<T> {
+    match step {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(_)) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Failed);
+            None
+        }
+        Err(_) => {
+            metrics.handshake(Leg::Downstream, HandshakeOutcome::Timeout);
+            None
+        }
+    }
 }
 
 /// A terminated TLS connection's protocol.
