@@ -225,6 +225,52 @@ async fn a_one_mebibyte_header_is_refused() {
 }
 
 #[tokio::test]
+async fn more_than_100_header_fields_get_431() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&config(&ws, up, 100)));
+    let addr = proxy.addr("ingress");
+
+    // Host, Connection and `extra` more fields, over TLS; returns the status line.
+    let ca = ws.ca_pem();
+    let send = |extra: usize| {
+        let ca = ca.clone();
+        async move {
+            let mut head =
+                format!("GET /fields/{extra} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+            for i in 0..extra {
+                head.push_str(&format!("X-Field-{i}: v\r\n"));
+            }
+            head.push_str("\r\n");
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = tls_connect(tcp, client_tls(&ca, &["http/1.1"]), "localhost")
+                .await
+                .unwrap();
+            tls.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(
+                PATIENCE,
+                tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut answer),
+            )
+            .await
+            .expect("the connection stayed open")
+            .unwrap();
+            String::from_utf8_lossy(&answer)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    assert_eq!(send(98).await, "HTTP/1.1 200 OK");
+    assert_eq!(
+        send(99).await,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert_eq!(seen.paths(), ["/fields/98"]);
+}
+
+#[tokio::test]
 async fn beyond_max_connections_new_connections_are_closed_and_counted() {
     let ws = Workspace::new();
     let (up, _) = http_upstream().await;
