@@ -97,13 +97,13 @@ impl LocalPool {
 
         let (mut sender, reused) = match sticky.take().or_else(|| self.take()) {
             Some(sender) => (sender, true),
-            None => (self.connect().await?, false),
+            None => (Box::pin(self.connect()).await?, false),
         };
         let response = match sender.try_send_request(req).await {
             Ok(response) => response,
             Err(mut error) => match error.take_message() {
                 Some(req) if reused => {
-                    sender = self.connect().await?;
+                    sender = Box::pin(self.connect()).await?;
                     sender.send_request(req).await?
                 }
                 _ => return Err(error.into_error().into()),
