@@ -295,9 +295,10 @@ async fn an_idle_connection_is_closed_at_idle_timeout() {
         .await
         .unwrap();
     assert_closed_after_about_a_second(&mut tls, "the idle connection").await;
-    let m = proxy.metrics().await;
     assert_eq!(
-        m.get("ciphergate_connections_active", &[("listener", "db")]),
+        proxy
+            .wait_for_metric("ciphergate_connections_active", &[("listener", "db")], 0.0)
+            .await,
         0.0
     );
 }

@@ -240,6 +240,20 @@ impl ProxyProcess {
         Metrics::parse(&body)
     }
 
+    /// Polls `/metrics` until the series reads `value` (or PATIENCE passes) and returns the
+    /// last reading. A gauge can lag what a client sees by a moment: a connection's socket is
+    /// closed before the task that owned it has finished dropping its state.
+    pub async fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) -> f64 {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let read = self.metrics().await.get(name, labels);
+            if read == value || std::time::Instant::now() >= deadline {
+                return read;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics_text(&self) -> String {
         get_plain(self.admin, "/metrics").await.2
     }
