@@ -18,9 +18,7 @@
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +32,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::task::TaskTracker;
 
+use crate::boxed;
 use crate::config::ListenerConfig;
 use crate::forward::ForwardProxy;
 use crate::io::IdleClock;
@@ -221,7 +220,7 @@ pub async fn handle(
             tls,
             plaintext_exception,
         } => {
-            cold(originate(
+            boxed(originate(
                 proxy,
                 tls,
                 plaintext_exception.as_deref(),
@@ -230,7 +229,7 @@ pub async fn handle(
             ))
             .await
         }
-        Route::Forward(forward) => cold(crate::forward::handle(proxy, forward, conn, req)).await,
+        Route::Forward(forward) => boxed(crate::forward::handle(proxy, forward, conn, req)).await,
     };
     if conn.transport == Transport::Tls
         && proxy.mode() == Mode::Terminate
@@ -595,7 +594,7 @@ pub async fn forward(
             .request(req)
             .await
             .map_err(|e| Box::new(e) as BoxError),
-        Via::Pinned(upstream, addrs) => cold(send_pinned(upstream, &addrs, req)).await,
+        Via::Pinned(upstream, addrs) => boxed(send_pinned(upstream, &addrs, req)).await,
         Via::Local(pool, sticky) => pool.send(sticky, req).await,
     };
     let mut response = match sent {
@@ -828,15 +827,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     ]
     .contains(name)
         || ["keep-alive", "proxy-connection", "http2-settings"].contains(&name.as_str())
-}
-
-/// Boxes a future on a path most requests do not take, outside the async fn that awaits it: an
-/// async fn is as large as its largest state, and every request's future (an HTTP/2 stream's
-/// is moved and boxed whole) would otherwise carry room for it.
-fn cold<'a, T>(
-    future: impl Future<Output = T> + Send + 'a,
-) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
-    Box::pin(future)
 }
 
 #[cfg(test)]

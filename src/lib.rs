@@ -42,3 +42,18 @@ pub mod relay;
 pub mod tls;
 pub mod upstream;
 pub mod workers;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed, sendable future.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Boxes `future` in a plain fn, so the async fn that awaits it keeps no room for it. An async
+/// fn is as large as its largest state, temporaries included; a connection's later stages and a
+/// request's rarely taken paths are boxed where they start, so a quiet connection does not hold
+/// the handshake's state, and every request's future (which hyper copies as it builds and hands
+/// it over, whole for an HTTP/2 stream) stays small.
+pub(crate) fn boxed<'a, T>(future: impl Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
+    Box::pin(future)
+}

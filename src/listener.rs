@@ -13,7 +13,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,6 +40,7 @@ use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metric
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
 use crate::upstream::{DynamicConnector, Security, Upstream};
 use crate::workers::Workers;
+use crate::{BoxFuture, boxed};
 
 /// The largest HTTP request head accepted (HTTP/1 request line + headers, HTTP/2 header list);
 /// beyond it, HTTP/1 gets 431.
@@ -371,9 +371,7 @@ async fn connection(
     let detected = if state.tls.is_none() {
         Detected::Plaintext
     } else {
-        let detecting: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(timeout_at(deadline, detect(&stream)));
-        match detecting.await {
+        match boxed(timeout_at(deadline, detect(&stream))).await {
             Ok(Ok(detected)) => detected,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -398,27 +396,26 @@ async fn connection(
     serve(&conn, detected, io, deadline).await
 }
 
-/// The connection's next stage, boxed: an async fn is as large as its largest state, and a
-/// connection's task should not carry the handshake's state, or the HTTP machinery it may never
-/// reach, for as long as it is open.
+/// The connection's next stage, boxed (see [`boxed`]): a connection's task should not carry the
+/// handshake's state, or the HTTP machinery it may never reach, for as long as it is open.
 fn serve(
     conn: &Conn,
     detected: Detected,
     io: Metered<TcpStream>,
     deadline: Instant,
-) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+) -> BoxFuture<'_, ()> {
     match (detected, conn.state.tls.clone()) {
-        (Detected::Closed, _) => Box::pin(std::future::ready(())),
-        (Detected::Tls, Some(tls)) => Box::pin(terminate_tls(conn, io, tls, deadline)),
+        (Detected::Closed, _) => boxed(std::future::ready(())),
+        (Detected::Tls, Some(tls)) => boxed(terminate_tls(conn, io, tls, deadline)),
         (_, _) => {
             conn.state.metrics.connection(Transport::Plaintext);
             match conn.state.protocol {
-                Protocol::Http => Box::pin(serve_http(
+                Protocol::Http => boxed(serve_http(
                     conn,
                     io,
                     conn.info(Transport::Plaintext, None, false),
                 )),
-                Protocol::Tcp => Box::pin(async move {
+                Protocol::Tcp => boxed(async move {
                     if let Some((upstream, addrs)) =
                         decide_tcp(conn, Transport::Plaintext, None, false).await
                     {
@@ -438,19 +435,9 @@ async fn terminate_tls(
     config: Arc<ServerConfig>,
     deadline: Instant,
 ) {
-    let handshake: Pin<Box<dyn Future<Output = Option<Established>> + Send + '_>> =
-        Box::pin(tls_handshake(conn, io, config, deadline));
-    if let Some(tls) = handshake.await {
-        next(after_handshake(conn, tls)).await
+    if let Some(tls) = boxed(tls_handshake(conn, io, config, deadline)).await {
+        boxed(after_handshake(conn, tls)).await
     }
-}
-
-/// Boxes a connection's next stage outside the async fn that awaits it, so that fn does not
-/// keep room for the stage's future as a temporary.
-fn next<'a>(
-    stage: impl Future<Output = ()> + Send + 'a,
-) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-    Box::pin(stage)
 }
 
 /// A TLS connection whose handshake completed. The stream is boxed: it is the largest thing a
@@ -545,13 +532,13 @@ async fn after_handshake(conn: &Conn, tls: Established) {
                 return;
             }
             let info = conn.info(Transport::Tls, sni, client_verified);
-            next(serve_http(conn, stream, info)).await
+            boxed(serve_http(conn, stream, info)).await
         }
         Protocol::Tcp => {
             let target = match early {
                 Some(target) => Some(target),
                 None => {
-                    Box::pin(decide_tcp(
+                    boxed(decide_tcp(
                         conn,
                         Transport::Tls,
                         sni.as_deref(),
@@ -561,7 +548,7 @@ async fn after_handshake(conn: &Conn, tls: Established) {
                 }
             };
             if let Some((upstream, addrs)) = target {
-                next(relay_to(conn, stream, &upstream, addrs)).await
+                boxed(relay_to(conn, stream, &upstream, addrs)).await
             }
         }
     }

@@ -18,6 +18,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::boxed;
 use crate::upstream::Upstream;
 use crate::workers::PerWorker;
 
@@ -97,13 +98,13 @@ impl LocalPool {
 
         let (mut sender, reused) = match sticky.take().or_else(|| self.take()) {
             Some(sender) => (sender, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => (boxed(self.connect()).await?, false),
         };
         let response = match sender.try_send_request(req).await {
             Ok(response) => response,
             Err(mut error) => match error.take_message() {
                 Some(req) if reused => {
-                    sender = Box::pin(self.connect()).await?;
+                    sender = boxed(self.connect()).await?;
                     sender.send_request(req).await?
                 }
                 _ => return Err(error.into_error().into()),

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 thread_local! {
@@ -38,7 +38,7 @@ pub fn count() -> usize {
 pub struct Workers {
     handles: Box<[Handle]>,
     next: AtomicUsize,
-    stop: CancellationToken,
+    _stop: DropGuard,
 }
 
 impl Workers {
@@ -49,7 +49,7 @@ impl Workers {
         let count = count.max(1);
         COUNT.fetch_max(count, Ordering::Relaxed);
         let stop = CancellationToken::new();
-        // Stops the threads started so far if a later one fails.
+        // Stops the threads started so far if a later one fails, and all of them with Workers.
         let guard = stop.clone().drop_guard();
         let mut handles = Vec::with_capacity(count);
         for i in 0..count {
@@ -81,7 +81,7 @@ impl Workers {
         Ok(Arc::new(Workers {
             handles: handles.into_boxed_slice(),
             next: AtomicUsize::new(0),
-            stop: guard.disarm(),
+            _stop: guard,
         }))
     }
 
@@ -102,12 +102,6 @@ impl Workers {
     {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         tracker.spawn_on(task, &self.handles[i]);
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
