@@ -55,7 +55,8 @@ impl LocalPool {
             .get()
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_FOR);
+        let now = Instant::now();
+        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
         let ready = idle.iter().rposition(|(sender, _)| sender.is_ready())?;
         Some(idle.swap_remove(ready).0)
     }
