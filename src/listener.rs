@@ -21,11 +21,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
-use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout_at};
-use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +36,7 @@ use crate::http::{
 use crate::io::{IdleClock, Metered};
 use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
+use crate::tls::stream::{ServerStream, read_client_hello};
 use crate::upstream::{DynamicConnector, Security, Upstream};
 use crate::workers::Workers;
 use crate::{BoxFuture, boxed};
@@ -443,7 +442,7 @@ async fn terminate_tls(
 /// A TLS connection whose handshake completed. The stream is boxed: it is the largest thing a
 /// connection holds (the rustls session), and every later stage only moves the pointer.
 struct Established {
-    stream: Box<tokio_rustls::server::TlsStream<Metered<TcpStream>>>,
+    stream: Box<ServerStream<Metered<TcpStream>>>,
     sni: Option<Box<str>>,
     client_verified: bool,
     /// A tcp listener's decision, when it was made before the handshake finished.
@@ -462,10 +461,9 @@ async fn tls_handshake(
     let state = &conn.state;
     let metrics = &state.metrics;
     metrics.connection(Transport::Tls);
-    let hello = timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io)).await;
-    let start = handshake_step(metrics, hello)?;
-    let sni: Option<Box<str>> = start
-        .client_hello()
+    let hello = timeout_at(deadline, read_client_hello(io)).await;
+    let hello = handshake_step(metrics, hello)?;
+    let sni: Option<Box<str>> = hello
         .server_name()
         .map(|name| name.trim_end_matches('.').to_ascii_lowercase().into());
 
@@ -477,12 +475,9 @@ async fn tls_handshake(
         None
     };
 
-    let stream = handshake_step(
-        metrics,
-        timeout_at(deadline, start.into_stream(config)).await,
-    )?;
+    let stream = handshake_step(metrics, timeout_at(deadline, hello.handshake(config)).await)?;
     metrics.handshake(Leg::Downstream, HandshakeOutcome::Ok);
-    let session = stream.get_ref().1;
+    let session = stream.session();
     let (version, group) = crate::tls::session_labels(
         session.protocol_version(),
         session.negotiated_key_exchange_group().map(|g| g.name()),
@@ -521,14 +516,14 @@ fn handshake_step<T, E>(
 /// A terminated TLS connection's protocol.
 async fn after_handshake(conn: &Conn, tls: Established) {
     let Established {
-        mut stream,
+        stream,
         sni,
         client_verified,
         early,
     } = tls;
     match conn.state.protocol {
         Protocol::Http => {
-            if !until_first_request(conn, &mut stream).await {
+            if !until_first_request(conn, &stream).await {
                 return;
             }
             let info = conn.info(Transport::Tls, sni, client_verified);
@@ -558,22 +553,12 @@ async fn after_handshake(conn: &Conn, tls: Established) {
 /// that is open but quiet costs its TLS state and nothing more: the HTTP machinery and its
 /// buffers are allocated once there is something to read (as nginx does). Returns false when
 /// nothing came within `header_timeout`, the connection closed, or the proxy is draining.
-async fn until_first_request(
-    conn: &Conn,
-    stream: &mut tokio_rustls::server::TlsStream<Metered<TcpStream>>,
-) -> bool {
-    // Session tickets queued at the end of the handshake go out now, not with the first answer.
-    if tokio::io::AsyncWriteExt::flush(stream).await.is_err() {
-        return false;
+async fn until_first_request(conn: &Conn, stream: &ServerStream<Metered<TcpStream>>) -> bool {
+    // A client may send its request right behind its Finished message.
+    if stream.has_buffered_input() {
+        return true;
     }
-    // A client may send its request right behind its Finished message; rustls then holds it.
-    match stream.get_mut().1.process_new_packets() {
-        Ok(state) if state.plaintext_bytes_to_read() > 0 => return true,
-        Ok(_) => {}
-        // Let the HTTP side meet the error and close as it does.
-        Err(_) => return true,
-    }
-    let socket = stream.get_ref().0.get_ref();
+    let socket = stream.get_ref().get_ref();
     tokio::select! {
         readable = socket.readable() => readable.is_ok(),
         // As for any request head, the first one is due within `header_timeout`.

@@ -5,6 +5,7 @@
 //! - [`client`] builds the `ClientConfig` for re-originated TLS (roots, version floor, ALPN,
 //!   client certificates). There is no code path that skips certificate verification.
 //! - [`pem`] loads certificates and keys from PEM files.
+//! - [`stream`] runs a terminate listener's handshake and carries its traffic.
 //!
 //! No config built here ever sets a key log: `SSLKEYLOGFILE` is ignored by construction.
 
@@ -18,6 +19,7 @@ use crate::metrics::{KxGroup, TlsVersion};
 pub mod client;
 pub mod pem;
 pub mod server;
+pub mod stream;
 
 /// The one crypto provider every config is built with: aws-lc-rs, whose default key-exchange
 /// preference puts the hybrid post-quantum X25519MLKEM768 first.
