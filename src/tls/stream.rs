@@ -98,11 +98,23 @@ impl Pending {
         }
     }
 
-    /// The free space at the end, at least `want` bytes of it: borrows a buffer, moves the
-    /// waiting bytes to the front, or grows, as needed.
+    /// Moves waiting bytes out of a borrowed buffer into one of their own size, and gives the
+    /// borrowed one back: for a peer that sent part of a record and went quiet.
+    fn park(&mut self) {
+        if self.buf.len() == BUF_SIZE && !self.is_empty() {
+            let parked = self.bytes().to_vec();
+            return_buffer(std::mem::replace(&mut self.buf, parked));
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// The free space at the end, at least `want` bytes of it: borrows a buffer (taking in
+    /// parked bytes), moves the waiting bytes to the front, or grows, as needed.
     fn room(&mut self, want: usize) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = borrow_buffer();
+        if self.buf.len() < BUF_SIZE {
+            let parked = std::mem::replace(&mut self.buf, borrow_buffer());
+            self.buf[..parked.len()].copy_from_slice(&parked);
         }
         if self.buf.len() - self.end < want {
             self.buf.copy_within(self.start..self.end, 0);
@@ -207,6 +219,8 @@ pub struct ServerStream<IO> {
     read_done: bool,
     /// Our close_notify is queued.
     write_done: bool,
+    /// The socket ended without close_notify.
+    truncated: bool,
     /// rustls failed (and queued its alert); it must not be asked to process anything again.
     failed: bool,
 }
@@ -280,7 +294,10 @@ fn poll_fill<IO: AsyncRead + Unpin>(
     match poll {
         Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
         Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-        Poll::Pending => Poll::Pending,
+        Poll::Pending => {
+            incoming.park();
+            Poll::Pending
+        }
     }
 }
 
@@ -304,6 +321,7 @@ where
             outgoing: Pending::default(),
             read_done: false,
             write_done: false,
+            truncated: false,
             failed: false,
         };
         loop {
@@ -353,6 +371,12 @@ where
         !(self.incoming.buf.is_empty()
             && self.plaintext.buf.is_empty()
             && self.outgoing.buf.is_empty())
+    }
+
+    /// The bytes of buffer the stream holds.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.incoming.buf.len() + self.plaintext.buf.len() + self.outgoing.buf.len()
     }
 
     /// True when received bytes wait here: plaintext, or records not yet processed.
@@ -487,15 +511,18 @@ where
     }
 }
 
-/// Encodes the alert rustls queued with an error, if any. rustls hands a queued record out
-/// before it looks at received bytes, so one more call yields the alert; it must still be
-/// given the received bytes, in which it may hold positions. A second call would process them
-/// again, and fail again.
+/// Encodes the alert rustls queued with an error, if it queued one. rustls hands a queued
+/// record out before it looks at received bytes, so one more call yields the alert; it must
+/// still be given the received bytes, in which it may hold positions. Without a queued record
+/// that call, or a second one, would process them again.
 fn queue_alert(
     conn: &mut UnbufferedServerConnection,
     incoming: &mut Pending,
     outgoing: &mut Pending,
 ) {
+    if !conn.wants_write() {
+        return;
+    }
     let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.bytes_mut());
     if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
         let _ = outgoing.write_with(|out| data.encode(out), encode_size);
@@ -526,6 +553,9 @@ where
             if this.read_done {
                 return Poll::Ready(Ok(()));
             }
+            if this.truncated {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
             match this.advance_in(cx, Write::Nothing)? {
                 Advance::Plaintext => continue,
                 Advance::Closed => {
@@ -535,15 +565,15 @@ where
                 Advance::NeedInput | Advance::Writable if this.read_done => continue,
                 Advance::NeedInput | Advance::Writable => {}
             }
-            // What rustls answered while reading (a key update) goes out as soon as it can.
-            if let Poll::Ready(Err(error)) = this.poll_send(cx) {
-                return Poll::Ready(Err(error));
-            }
+            // Records rustls queued while reading (a refused renegotiation) wait for the next
+            // write: sending here would take the writer's wake-up when another task writes.
+            // (A key update's answer is sent with the next write by rustls itself.)
             match poll_fill(&mut this.io, &mut this.incoming, cx) {
                 Poll::Ready(Ok(0)) => {
-                    // The socket closed without close_notify: the data may be cut short.
-                    this.read_done = true;
-                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    // The socket closed without close_notify: the data may be cut short, and
+                    // every read says so.
+                    this.truncated = true;
+                    continue;
                 }
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
@@ -767,6 +797,124 @@ mod tests {
         client.get_mut().0.shutdown().await.unwrap();
         let error = server.read(&mut [0; 16]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        // Asked again, it does not turn into a clean end.
+        let error = server.read(&mut [0; 16]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_part_of_a_record_pins_only_that_part() {
+        let (mut server, mut client) = pair(&[&rustls::version::TLS13]).await;
+        // A record header and one byte of its body, then nothing.
+        client
+            .get_mut()
+            .0
+            .write_all(&[0x17, 0x03, 0x03, 0x00, 0x40, 0x01])
+            .await
+            .unwrap();
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            server.read(&mut [0; 16]),
+        )
+        .await;
+        assert!(waiting.is_err(), "a partial record was taken for data");
+        assert_eq!(server.held_bytes(), 6);
+    }
+
+    /// A client stream that writes at most 7 bytes at a time, so records arrive in pieces.
+    struct Trickle(TcpStream);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = data.len().min(7);
+            Pin::new(&mut self.0).poll_write(cx, &data[..n])
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn records_that_arrive_in_pieces_read_whole() {
+        let (server_config, client_config) = configs(&[&rustls::version::TLS13]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = pattern(50_000);
+        let expected = sent.clone();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut tls = TlsConnector::from(client_config)
+                .connect(name, Trickle(tcp))
+                .await
+                .unwrap();
+            tls.write_all(&sent).await.unwrap();
+            tls.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).await.unwrap();
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut server = read_client_hello(tcp)
+            .await
+            .unwrap()
+            .handshake(server_config)
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert!(
+            received == expected,
+            "records read in pieces came out different"
+        );
+        server.shutdown().await.unwrap();
+        client.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reading_and_writing_from_two_tasks_both_finish() {
+        let (server, mut client) = pair(&[&rustls::version::TLS13]).await;
+        let (mut read, mut write) = tokio::io::split(server);
+        let total = 8 << 20;
+        let writer = tokio::spawn(async move {
+            write.write_all(&pattern(total)).await.unwrap();
+            write.flush().await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = [0; 5];
+            read.read_exact(&mut got).await.unwrap();
+            got
+        });
+        client.write_all(b"hello").await.unwrap();
+        client.flush().await.unwrap();
+        let mut received = vec![0; total];
+        let drained = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            client.read_exact(&mut received),
+        )
+        .await;
+        assert!(drained.is_ok(), "the writer stalled");
+        assert_eq!(&reader.await.unwrap(), b"hello");
+        writer.await.unwrap();
     }
 
     #[tokio::test]
