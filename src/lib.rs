@@ -8,8 +8,10 @@
 //!    midway, and hands it to the next of the per-core [`workers`], where it stays until it
 //!    closes, with the upstream connections it uses ([`pool`]).
 //! 2. [`detect`] peeks at the first byte: a TLS handshake record, or plaintext.
-//! 3. TLS on a terminate listener: [`tls::server`] picks a certificate by SNI and runs the
-//!    handshake (client certificates verified when configured), all under `handshake_timeout`.
+//! 3. TLS on a terminate listener: [`tls::server`] picks a certificate by SNI (client
+//!    certificates verified when configured) and [`tls::stream`] runs the handshake, all under
+//!    `handshake_timeout`, then carries the traffic, holding no buffer while the connection is
+//!    quiet.
 //! 4. The [`policy`] engine decides, from the listener's ordered rules: per request on http
 //!    listeners ([`http`]), per connection on tcp listeners ([`relay`]). Allow forwards, upgrade
 //!    redirects to https (terminate) or re-originates TLS (originate), reject refuses.
