@@ -142,10 +142,7 @@ async fn every_failed_upstream_handshake_fails_closed_with_its_category() {
     }
     .http()
     .await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_dead_socket, dead) = refusing_addr();
     let at = |addr: std::net::SocketAddr| format!("localhost:{}", addr.port());
     let client_cert = format!(
         "  client_cert = \"{}\"\n  client_key = \"{}\"\n",

@@ -577,11 +577,7 @@ async fn an_upstream_tls_table_reoriginates_verified_tls_even_on_loopback() {
 #[tokio::test]
 async fn an_unreachable_upstream_gets_502_and_is_counted() {
     let ws = Workspace::new();
-    // Bind and drop: nothing listens there any more.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_dead_socket, dead) = refusing_addr();
     let proxy = ProxyProcess::start(&ws.config(&ingress(&ws, dead, "")));
     let (status, _, body) = get_tls(proxy.addr("ingress"), &ws.ca_pem(), "localhost", "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);

@@ -419,6 +419,16 @@ impl tokio::io::AsyncWrite for CountingStream {
     }
 }
 
+/// An address where connections are refused, kept so while the returned socket lives: it is
+/// bound but never listens, so no other socket (one of the proxy's listeners, say) can be given
+/// its port, as one could after a bind-and-drop.
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// A plaintext HTTP/1.1 upstream on 127.0.0.1:0 that records every request and answers
 /// `200 upstream saw {path}`. `/ws` answers a WebSocket-style upgrade and echoes bytes after it.
 pub async fn http_upstream() -> (SocketAddr, Arc<Seen>) {
