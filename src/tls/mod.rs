@@ -6,6 +6,7 @@
 //!   client certificates). There is no code path that skips certificate verification.
 //! - [`pem`] loads certificates and keys from PEM files.
 //! - [`stream`] runs a terminate listener's handshake and carries its traffic.
+//! - [`hkdf`] gives TLS 1.3's key schedule HMAC keys that are prepared once per secret.
 //!
 //! No config built here ever sets a key log: `SSLKEYLOGFILE` is ignored by construction.
 
@@ -17,16 +18,22 @@ use rustls::{NamedGroup, ProtocolVersion};
 use crate::metrics::{KxGroup, TlsVersion};
 
 pub mod client;
+mod hkdf;
 pub mod pem;
 pub mod server;
 pub mod stream;
 
 /// The one crypto provider every config is built with: aws-lc-rs, whose default key-exchange
-/// preference puts the hybrid post-quantum X25519MLKEM768 first.
+/// preference puts the hybrid post-quantum X25519MLKEM768 first; its TLS 1.3 suites derive
+/// keys with [`hkdf`]'s prepared HMAC keys.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .get_or_init(|| {
+            Arc::new(hkdf::with_prepared_hmac(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+        })
         .clone()
 }
 
