@@ -27,6 +27,11 @@ const BUF_SIZE: usize = 2 * (16 * 1024 + 256 + 5) + 512;
 /// Plaintext taken by one `poll_write`.
 const MAX_WRITE: usize = 32 * 1024;
 
+/// Queued bytes that a write takes along in its own send instead of sending them first: the
+/// session tickets that end a handshake (about 400 bytes), when the client's first request
+/// came with its Finished. Fits in the slack [`BUF_SIZE`] leaves after a [`MAX_WRITE`].
+const CARRY: usize = 512;
+
 /// The most received bytes held unprocessed: rustls takes handshake messages of up to 64 KiB.
 const MAX_INCOMING: usize = 64 * 1024 + BUF_SIZE;
 
@@ -223,6 +228,9 @@ pub struct ServerStream<IO> {
     truncated: bool,
     /// rustls failed (and queued its alert); it must not be asked to process anything again.
     failed: bool,
+    /// `outgoing` holds only the session tickets, kept back to go with the first write: a
+    /// flush before it does not send them.
+    tickets_wait: bool,
 }
 
 /// A new connection's ClientHello, read and parsed; the bytes it came in are kept for the
@@ -310,7 +318,9 @@ where
         self.server_name.as_deref()
     }
 
-    /// Completes the handshake with `config`, and sends the session tickets that end it.
+    /// Completes the handshake with `config`. The session tickets that end it are sent now,
+    /// unless the client's first request is already here: then they go out with the answer
+    /// to it, in the same send.
     pub async fn handshake(self, config: Arc<ServerConfig>) -> io::Result<ServerStream<IO>> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut stream = ServerStream {
@@ -323,6 +333,7 @@ where
             write_done: false,
             truncated: false,
             failed: false,
+            tickets_wait: false,
         };
         loop {
             let step = match stream.advance(Write::Nothing) {
@@ -347,7 +358,11 @@ where
                 }
             }
         }
-        poll_fn(|cx| stream.poll_send(cx)).await?;
+        if stream.has_buffered_input() {
+            stream.tickets_wait = !stream.outgoing.is_empty();
+        } else {
+            poll_fn(|cx| stream.poll_send(cx)).await?;
+        }
         Ok(stream)
     }
 }
@@ -480,13 +495,17 @@ where
         Poll::Ready(Ok(()))
     }
 
-    /// Encrypts `data` once what was queued before it is on the wire, and starts sending it.
+    /// Encrypts `data` once what was queued before it is on the wire (up to [`CARRY`] bytes of
+    /// it may wait and go first in the same send), and starts sending it.
     fn poll_encrypt(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<()>> {
         if self.write_done {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        ready!(self.poll_send(cx))?;
+        if self.outgoing.len() > CARRY {
+            ready!(self.poll_send(cx))?;
+        }
         loop {
+            self.tickets_wait = false;
             match self.advance_in(cx, Write::Data(data))? {
                 Advance::Writable => break,
                 Advance::Plaintext => continue,
@@ -623,7 +642,9 @@ where
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send(cx))?;
+        if !this.tickets_wait {
+            ready!(this.poll_send(cx))?;
+        }
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -880,6 +901,133 @@ mod tests {
         );
         server.shutdown().await.unwrap();
         client.await.unwrap();
+    }
+
+    /// The server's socket: counts its sends, and holds reads after the first send (the
+    /// server's flight) until `gate` opens, so the test decides what the client has sent by
+    /// the time the server reads again.
+    struct Gated {
+        io: TcpStream,
+        sends: Arc<std::sync::atomic::AtomicUsize>,
+        gate: Option<tokio::sync::oneshot::Receiver<()>>,
+    }
+
+    impl AsyncRead for Gated {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.sends.load(std::sync::atomic::Ordering::SeqCst) > 0
+                && let Some(gate) = self.gate.as_mut()
+            {
+                let _ = ready!(Pin::new(gate).poll(cx));
+                self.gate = None;
+            }
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Gated {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, data))?;
+            self.sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A TLS 1.3 handshake whose client sends `request` (if any) before the server reads its
+    /// Finished; then a flush and one answer. Returns the server's sends after the handshake and after the
+    /// answer, and whether a second connection resumed with a ticket from the first.
+    async fn tickets_with_request(request: Option<&'static [u8]>) -> (usize, usize, bool) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (server_config, client_config) = configs(&[&rustls::version::TLS13]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let connector = TlsConnector::from(client_config);
+        let first = connector.clone();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            // As curl and browsers do: otherwise Nagle holds the request until the server's
+            // ACK of the client's Finished.
+            tcp.set_nodelay(true).unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut client = first.connect(name, tcp).await.unwrap();
+            if let Some(request) = request {
+                client.write_all(request).await.unwrap();
+                client.flush().await.unwrap();
+            }
+            open.send(()).unwrap();
+            let mut answer = [0; 4];
+            client.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"pong");
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let sends = Arc::new(AtomicUsize::new(0));
+        let io = Gated {
+            io: tcp,
+            sends: sends.clone(),
+            gate: Some(gate),
+        };
+        let hello = read_client_hello(io).await.unwrap();
+        let mut server = hello.handshake(server_config.clone()).await.unwrap();
+        let after_handshake = sends.load(Ordering::SeqCst);
+        if let Some(request) = request {
+            let mut got = vec![0; request.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, request);
+            // hyper flushes before it has an answer to write; that alone sends nothing.
+            server.flush().await.unwrap();
+        }
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        let after_answer = sends.load(Ordering::SeqCst);
+        client.await.unwrap();
+
+        // A second connection resumes only if the tickets reached the client.
+        let second = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let client = connector.connect(name, tcp).await.unwrap();
+            client.get_ref().1.handshake_kind()
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let hello = read_client_hello(tcp).await.unwrap();
+        let _server = hello.handshake(server_config).await.unwrap();
+        let resumed = second.await.unwrap() == Some(rustls::HandshakeKind::Resumed);
+        (after_handshake, after_answer, resumed)
+    }
+
+    #[tokio::test]
+    async fn session_tickets_ride_with_the_answer_to_a_request_that_came_with_finished() {
+        let (after_handshake, after_answer, resumed) = tickets_with_request(Some(b"ping")).await;
+        assert_eq!(
+            after_handshake, 1,
+            "only the server's flight is sent in the handshake"
+        );
+        assert_eq!(after_answer, 2, "the tickets and the answer go in one send");
+        assert!(resumed, "the tickets reached the client");
+    }
+
+    #[tokio::test]
+    async fn session_tickets_go_at_once_when_the_client_has_not_asked_yet() {
+        let (after_handshake, after_answer, resumed) = tickets_with_request(None).await;
+        assert_eq!(after_handshake, 2, "the flight, then the tickets");
+        assert_eq!(after_answer, 3);
+        assert!(resumed);
     }
 
     #[tokio::test]
