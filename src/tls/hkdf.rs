@@ -91,16 +91,15 @@ pub fn with_prepared_hmac(mut provider: CryptoProvider) -> CryptoProvider {
     provider
 }
 
-/// The suite identifiers in `provider`, in order (for tests).
-#[cfg(test)]
-fn suites(provider: &CryptoProvider) -> Vec<rustls::CipherSuite> {
-    provider.cipher_suites.iter().map(|s| s.suite()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use aws_lc_rs::hkdf;
+
+    /// The suite identifiers in `provider`, in order.
+    fn suites(provider: &CryptoProvider) -> Vec<rustls::CipherSuite> {
+        provider.cipher_suites.iter().map(|s| s.suite()).collect()
+    }
 
     /// Expands `len` bytes of `info` from `secret` (extracted with `salt`) both ways.
     fn both_ways(

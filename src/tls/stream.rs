@@ -504,8 +504,8 @@ where
         if self.outgoing.len() > CARRY {
             ready!(self.poll_send(cx))?;
         }
+        self.tickets_wait = false;
         loop {
-            self.tickets_wait = false;
             match self.advance_in(cx, Write::Data(data))? {
                 Advance::Writable => break,
                 Advance::Plaintext => continue,
