@@ -19,6 +19,7 @@ use crate::admin::{self, Readiness};
 use crate::config::{self, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
+use crate::sys;
 use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ struct ListenerHandle {
     /// The address actually bound (differs when the config says port 0).
     local_addr: SocketAddr,
     state: Arc<ArcSwap<ListenerState>>,
+    /// The listening socket, shared with the accept loop, for options a reload changes.
+    socket: Arc<TcpListener>,
     /// Stops this accept loop alone (on reload) or with everything (on drain).
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -154,14 +157,16 @@ impl Proxy {
             .find(|h| h.name == name && h.bind == bind)
     }
 
-    fn spawn_listener(&mut self, socket: TcpListener, state: ListenerState) {
+    fn spawn_listener(&mut self, socket: TcpListener, mut state: ListenerState) {
+        let socket = Arc::new(socket);
+        defer_accept(&socket, &mut state);
         let local_addr = socket.local_addr().unwrap_or(state.bind);
         let stop = self.shutdown.child_token();
         let name = state.name.clone();
         let bind = state.bind;
         let state = Arc::new(ArcSwap::from_pointee(state));
         let task = tokio::spawn(listener::accept_loop(
-            socket,
+            socket.clone(),
             state.clone(),
             stop.clone(),
             self.connections.clone(),
@@ -173,6 +178,7 @@ impl Proxy {
             bind,
             local_addr,
             state,
+            socket,
             stop,
             task,
         });
@@ -199,11 +205,12 @@ impl Proxy {
             }
             keep
         });
-        for (state, socket) in states.into_iter().zip(sockets) {
+        for (mut state, socket) in states.into_iter().zip(sockets) {
             match socket {
                 Some(socket) => self.spawn_listener(socket, state),
                 None => {
                     if let Some(h) = self.listeners.iter().find(|h| h.name == state.name) {
+                        defer_accept(&h.socket, &mut state);
                         // The limit carries over; its new maximum applies from now.
                         state.limit.set_max(state.settings.max_connections);
                         h.state.store(Arc::new(state));
@@ -328,6 +335,13 @@ impl Watch {
         }
         self.pending = None;
     }
+}
+
+/// Applies the state's accept wait to its listening socket, and records whether the kernel
+/// took it (a listener whose socket does not defer keeps its timeouts as they are).
+fn defer_accept(socket: &TcpListener, state: &mut ListenerState) {
+    let wait = state.accept_wait();
+    state.accept_deferred = sys::set_defer_accept(socket, wait).is_ok() && !wait.is_zero();
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {

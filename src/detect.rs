@@ -27,11 +27,26 @@ pub enum Detected {
 pub async fn detect(stream: &TcpStream) -> io::Result<Detected> {
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
-    Ok(match n {
-        0 => Detected::Closed,
-        _ if first[0] == HANDSHAKE_RECORD => Detected::Tls,
-        _ => Detected::Plaintext,
-    })
+    Ok(classify(&first[..n]))
+}
+
+/// Classifies the connection by what has arrived so far, without waiting: `None` when nothing
+/// has. `stream` must be non-blocking. Consumes nothing.
+pub fn detect_now(stream: &std::net::TcpStream) -> io::Result<Option<Detected>> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first) {
+        Ok(n) => Ok(Some(classify(&first[..n]))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn classify(first: &[u8]) -> Detected {
+    match first.first() {
+        None => Detected::Closed,
+        Some(&HANDSHAKE_RECORD) => Detected::Tls,
+        Some(_) => Detected::Plaintext,
+    }
 }
 
 /// Whether `bytes` start a TLS ClientHello record: handshake content type, a 3.x record

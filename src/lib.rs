@@ -24,7 +24,8 @@
 //! [`config`] turns files into a validated [`config::Config`], reporting every error with its
 //! key path; [`app`] binds everything, reloads on SIGHUP and drains on SIGTERM.
 
-#![forbid(unsafe_code)]
+// `unsafe` is allowed in one place only: the socket option in [`sys`].
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod relay;
+pub mod sys;
 pub mod tls;
 pub mod upstream;
 pub mod workers;

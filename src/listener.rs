@@ -8,6 +8,11 @@
 //! ```
 //! Detection and the handshake share one deadline (`handshake_timeout`); the HTTP/1 request
 //! head has `header_timeout`; a connection without traffic for `idle_timeout` is closed.
+//!
+//! On terminate listeners the kernel holds a new connection until its first bytes arrive
+//! ([`DEFER_ACCEPT`]), so the ClientHello is usually there when the connection is accepted and
+//! one wake-up serves both; a client that stays silent is handed over after the wait and has
+//! the rest of its `handshake_timeout` from then.
 //! Nothing here logs: a connection's fate is visible only in counters.
 
 use std::convert::Infallible;
@@ -15,6 +20,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -28,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, Protocol, Settings, UpstreamAddr};
-use crate::detect::{Detected, detect};
+use crate::detect::{Detected, detect, detect_now};
 use crate::forward::ForwardProxy;
 use crate::http::{
     ConnInfo, HttpProxy, HttpUpstream, Leg as HttpLeg, Route, decide_originate, originate_leg,
@@ -50,6 +56,9 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 pub const MAX_REQUEST_HEADERS: usize = 100;
 /// Concurrent streams per HTTP/2 connection.
 pub const MAX_H2_STREAMS: u32 = 256;
+/// How long the kernel holds a new connection that has sent nothing, on listeners where the
+/// client speaks first (`TCP_DEFER_ACCEPT`). Linux's shortest: the SYN-ACK's first retry.
+pub const DEFER_ACCEPT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -78,6 +87,9 @@ pub struct ListenerState {
     tcp: Option<TcpTargets>,
     /// `max_connections`, shared with the listener's earlier and later states.
     pub limit: Arc<ConnectionLimit>,
+    /// Whether the listening socket holds connections until their first bytes arrive: set by
+    /// whoever applies [`ListenerState::accept_wait`] to the socket, once the kernel took it.
+    pub accept_deferred: bool,
 }
 
 /// `max_connections` of one listener. It outlives reloads: connections opened under the old
@@ -232,7 +244,20 @@ impl ListenerState {
             http_server: http_server(&config.settings),
             tcp,
             limit,
+            accept_deferred: false,
         })
+    }
+
+    /// How long the listening socket should hold a silent new connection. Terminate
+    /// listeners only, where the client speaks first: a ClientHello, or a plaintext request
+    /// that detection waits for anyway. Zero where the client may wait for the server, and
+    /// where `handshake_timeout` is shorter than the wait, to keep that timeout exact.
+    pub fn accept_wait(&self) -> Duration {
+        if self.tls.is_some() && self.settings.handshake_timeout >= DEFER_ACCEPT {
+            DEFER_ACCEPT
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -272,9 +297,10 @@ fn http_server(settings: &Settings) -> auto::Builder<StreamExecutor> {
     builder
 }
 
-/// Accepts until `shutdown`, then drops the socket so new connections are refused.
+/// Accepts until `shutdown`, then lets go of the socket; it closes, refusing new connections,
+/// once the listener's handle in [`crate::app`] has let go too.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     state: Arc<ArcSwap<ListenerState>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -359,18 +385,29 @@ async fn connection(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let mut deadline = Instant::now() + state.settings.handshake_timeout;
+    // Originate listeners carry the local app's bytes as plaintext (detection would stall
+    // protocols where the server speaks first); terminate listeners look at the first byte.
+    let arrived = match state.tls {
+        None => Some(Detected::Plaintext),
+        Some(_) => match detect_now(&stream) {
+            Ok(arrived) => arrived,
+            Err(_) => return,
+        },
+    };
+    if arrived.is_none() && state.accept_deferred {
+        // Nothing yet on a deferring socket: the client has been silent for the kernel's
+        // wait already, and that counts against its handshake_timeout.
+        deadline -= DEFER_ACCEPT;
+    }
     // Register the socket with this worker's reactor, so its readiness wakes this thread.
     let Ok(stream) = TcpStream::from_std(stream) else {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + state.settings.handshake_timeout;
-    // Originate listeners carry the local app's bytes as plaintext (detection would stall
-    // protocols where the server speaks first); terminate listeners look at the first byte.
-    let detected = if state.tls.is_none() {
-        Detected::Plaintext
-    } else {
-        match boxed(timeout_at(deadline, detect(&stream))).await {
+    let detected = match arrived {
+        Some(detected) => detected,
+        None => match boxed(timeout_at(deadline, detect(&stream))).await {
             Ok(Ok(detected)) => detected,
             Ok(Err(_)) => return,
             Err(_) => {
@@ -380,7 +417,7 @@ async fn connection(
                     .handshake(Leg::Downstream, HandshakeOutcome::Timeout);
                 return;
             }
-        }
+        },
     };
     let clock = IdleClock::new();
     let io = Metered::new(stream, state.metrics.byte_counters(), clock.clone());

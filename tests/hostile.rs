@@ -69,6 +69,76 @@ async fn stalled_handshakes_time_out_and_are_counted() {
     assert!(seen.paths().iter().all(|p| p == "/ok"));
 }
 
+/// On terminate listeners a client that has sent nothing waits in the kernel, not in the
+/// proxy: it holds no task, no buffer and no `max_connections` permit until it speaks. On
+/// originate listeners, where the server may speak first, it is accepted at once.
+#[tokio::test]
+async fn a_silent_client_is_accepted_only_once_it_speaks_on_terminate_listeners() {
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&format!(
+        "{}[defaults]\nhandshake_timeout = \"5s\"\nheader_timeout = \"5s\"\n\n[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{}\n[[listener]]\nname = \"fwd\"\nbind = \"127.0.0.1:0\"\nmode = \"originate\"\nupstream = \"{up}\"\n",
+        preamble("info"),
+        ws.certs_table(),
+    )));
+    let active = |listener| ("ciphergate_connections_active", [("listener", listener)]);
+
+    let mut silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    // A client that connected after the silent one is accepted and served; the accept queue
+    // is in order, so the silent one would have been accepted first had it been queued.
+    let tcp = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    let tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
+        .await
+        .unwrap();
+    let mut kept = H1::new(tls).await;
+    let (status, _, _) = kept.get("localhost", "/ok").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (name, labels) = active("ingress");
+    assert_eq!(proxy.metrics().await.get(name, &labels), 1.0);
+
+    // Its first bytes hand it over.
+    silent.write_all(PARTIAL_CLIENT_HELLO).await.unwrap();
+    assert_eq!(proxy.wait_for_metric(name, &labels, 2.0).await, 2.0);
+
+    let _plain = TcpStream::connect(proxy.addr("fwd")).await.unwrap();
+    let (name, labels) = active("fwd");
+    assert_eq!(proxy.wait_for_metric(name, &labels, 1.0).await, 1.0);
+    assert_eq!(seen.paths(), ["/ok"]);
+}
+
+/// The kernel's wait counts against `handshake_timeout`: a client silent from the start is
+/// closed at the timeout, not at the timeout plus the wait.
+#[tokio::test]
+async fn a_silent_client_is_closed_at_handshake_timeout_counted_from_connect() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let proxy = ProxyProcess::start(&ws.config(&format!(
+        "{}[defaults]\nhandshake_timeout = \"2s\"\n\n[[listener]]\nname = \"ingress\"\nbind = \"127.0.0.1:0\"\nupstream = \"{up}\"\n{}",
+        preamble("info"),
+        ws.certs_table(),
+    )));
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    assert!(read_to_close(&mut silent).await.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(2800),
+        "closed after {waited:?}"
+    );
+    let timeouts = proxy
+        .wait_for_metric(
+            "ciphergate_tls_handshakes_total",
+            &[
+                ("listener", "ingress"),
+                ("leg", "downstream"),
+                ("outcome", "timeout"),
+            ],
+            1.0,
+        )
+        .await;
+    assert_eq!(timeouts, 1.0);
+}
+
 #[tokio::test]
 async fn garbage_ends_in_an_error_or_a_closed_connection() {
     let ws = Workspace::new();

@@ -302,3 +302,39 @@ async fn an_idle_connection_is_closed_at_idle_timeout() {
         0.0
     );
 }
+
+/// A reload that keeps a listener's socket re-applies the kernel's accept wait to it: with a
+/// `handshake_timeout` shorter than the wait, a silent client is accepted at once and closed
+/// at that timeout.
+#[tokio::test]
+async fn a_reload_below_the_accept_wait_stops_deferring_on_the_kept_socket() {
+    let ws = Workspace::new();
+    let (up, _) = http_upstream().await;
+    let path = ws.config(&config_for(&ws, up, ""));
+    let proxy = ProxyProcess::start(&path);
+    let active = [("listener", "ingress")];
+
+    let _silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    let (status, _, _) = get_tls(proxy.addr("ingress"), &ws.ca_pem(), "localhost", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    let held = proxy
+        .wait_for_metric("ciphergate_connections_active", &active, 0.0)
+        .await;
+    assert_eq!(held, 0.0, "a silent client was accepted before it spoke");
+
+    std::fs::write(
+        &path,
+        config_for(&ws, up, "handshake_timeout = \"500ms\"\n"),
+    )
+    .unwrap();
+    assert!(reload(&proxy));
+    let started = std::time::Instant::now();
+    let mut second = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+    assert!(read_to_close(&mut second).await.is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(400)
+            && waited < std::time::Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+}

@@ -301,7 +301,7 @@ http {{{http}
     keepalive_timeout 60s;
   }}
   server {{
-    listen {HOST}:{st.ports['nginx']} ssl http2 backlog=4096;
+    listen {HOST}:{st.ports['nginx']} ssl http2 backlog=4096 deferred;
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -331,7 +331,7 @@ defaults
   timeout http-keep-alive 60s
 
 frontend fe
-  bind {HOST}:{st.ports['haproxy']} ssl crt {pem} alpn h2,http/1.1 ssl-min-ver TLSv1.3
+  bind {HOST}:{st.ports['haproxy']} ssl crt {pem} alpn h2,http/1.1 ssl-min-ver TLSv1.3 defer-accept
   maxconn {maxconn}
   default_backend be
 
