@@ -13,6 +13,7 @@
 //! ([`DEFER_ACCEPT`]), so the ClientHello is usually there when the connection is accepted and
 //! one wake-up serves both; a client that stays silent is handed over after the wait and has
 //! the rest of its `handshake_timeout` from then.
+//!
 //! Nothing here logs: a connection's fate is visible only in counters.
 
 use std::convert::Infallible;
