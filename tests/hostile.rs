@@ -83,18 +83,36 @@ async fn a_silent_client_is_accepted_only_once_it_speaks_on_terminate_listeners(
     )));
     let active = |listener| ("ciphergate_connections_active", [("listener", listener)]);
 
-    let mut silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
-    // A client that connected after the silent one is accepted and served; the accept queue
-    // is in order, so the silent one would have been accepted first had it been queued.
-    let tcp = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
-    let tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
-        .await
-        .unwrap();
-    let mut kept = H1::new(tls).await;
-    let (status, _, _) = kept.get("localhost", "/ok").await.unwrap();
-    assert_eq!(status, StatusCode::OK);
     let (name, labels) = active("ingress");
-    assert_eq!(proxy.metrics().await.get(name, &labels), 1.0);
+    // The kernel hands a silent client over after about a second anyway, so the check must
+    // be made well within it; on a machine too slow for that it is made again.
+    let mut attempts = 0;
+    let (mut silent, _kept) = loop {
+        attempts += 1;
+        let started = Instant::now();
+        let silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+        // A client that connected after the silent one is accepted and served; the accept
+        // queue is in order, so the silent one would have been accepted first had it been
+        // queued.
+        let tcp = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
+        let tls = tls_connect(tcp, client_tls(&ws.ca_pem(), &["http/1.1"]), "localhost")
+            .await
+            .unwrap();
+        let mut kept = H1::new(tls).await;
+        let (status, _, _) = kept.get("localhost", "/ok").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let open = proxy.metrics().await.get(name, &labels);
+        if started.elapsed() < Duration::from_millis(800) {
+            assert_eq!(open, 1.0);
+            break (silent, kept);
+        }
+        assert!(
+            attempts < 5,
+            "every attempt took longer than the kernel's wait"
+        );
+        drop((silent, kept));
+        assert_eq!(proxy.wait_for_metric(name, &labels, 0.0).await, 0.0);
+    };
 
     // Its first bytes hand it over.
     silent.write_all(PARTIAL_CLIENT_HELLO).await.unwrap();
@@ -103,7 +121,7 @@ async fn a_silent_client_is_accepted_only_once_it_speaks_on_terminate_listeners(
     let _plain = TcpStream::connect(proxy.addr("fwd")).await.unwrap();
     let (name, labels) = active("fwd");
     assert_eq!(proxy.wait_for_metric(name, &labels, 1.0).await, 1.0);
-    assert_eq!(seen.paths(), ["/ok"]);
+    assert!(seen.paths().iter().all(|p| p == "/ok"));
 }
 
 /// The kernel's wait counts against `handshake_timeout`: a client silent from the start is
