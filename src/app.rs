@@ -233,7 +233,6 @@ impl Proxy {
     /// `drain_timeout`. Returns whether everything finished in time.
     pub async fn drain(self) -> bool {
         self.readiness.set_draining();
-        info!("draining");
         let timeout = self
             .listeners
             .iter()
@@ -244,6 +243,8 @@ impl Proxy {
         for h in self.listeners {
             let _ = h.task.await;
         }
+        // Logged once the listening sockets are closed: from here no new connection is taken.
+        info!("draining");
         self.connections.close();
         let finished = tokio::time::timeout(timeout, self.connections.wait())
             .await
@@ -341,7 +342,13 @@ impl Watch {
 /// took it (a listener whose socket does not defer keeps its timeouts as they are).
 fn defer_accept(socket: &TcpListener, state: &mut ListenerState) {
     let wait = state.accept_wait();
-    state.accept_deferred = sys::set_defer_accept(socket, wait).is_ok() && !wait.is_zero();
+    let applied = sys::set_defer_accept(socket, wait);
+    if let Err(e) = &applied
+        && e.kind() != std::io::ErrorKind::Unsupported
+    {
+        warn!(listener = %state.name, error = %e, "deferred accept not applied");
+    }
+    state.accept_deferred = applied.is_ok() && !wait.is_zero();
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {
