@@ -252,9 +252,11 @@ impl ListenerState {
     /// How long the listening socket should hold a silent new connection. Terminate
     /// listeners only, where the client speaks first: a ClientHello, or a plaintext request
     /// that detection waits for anyway. Zero where the client may wait for the server, and
-    /// where `handshake_timeout` is shorter than the wait, to keep that timeout exact.
+    /// where `handshake_timeout` is under twice the wait: a connection the kernel hands over
+    /// without data (after the wait, or through SYN cookies) has the timeout less the wait
+    /// left, and that rest should still be long enough for a handshake.
     pub fn accept_wait(&self) -> Duration {
-        if self.tls.is_some() && self.settings.handshake_timeout >= DEFER_ACCEPT {
+        if self.tls.is_some() && self.settings.handshake_timeout >= 2 * DEFER_ACCEPT {
             DEFER_ACCEPT
         } else {
             Duration::ZERO

@@ -15,7 +15,6 @@ use ciphergate::policy::{self, Action, Facts, Mode, Transport};
 
 const DEFAULT_CONFIG: &str = "config/ciphergate.toml";
 
-/// A sidecar proxy that makes encryption the default for every connection.
 /// mimalloc rather than glibc's malloc: a proxy that has served a while has glibc's free lists
 /// fragmented by many sizes, and its allocations slow down (`_int_malloc` twice its share in a
 /// profile of handshakes after a minute of keep-alive traffic). Built without transparent huge
@@ -24,6 +23,7 @@ const DEFAULT_CONFIG: &str = "config/ciphergate.toml";
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A sidecar proxy that makes encryption the default for every connection.
 #[derive(Parser)]
 #[command(name = "ciphergate", version, about, long_about = None)]
 struct Cli {

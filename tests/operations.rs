@@ -304,23 +304,17 @@ async fn an_idle_connection_is_closed_at_idle_timeout() {
 }
 
 /// A reload that keeps a listener's socket re-applies the kernel's accept wait to it: with a
-/// `handshake_timeout` shorter than the wait, a silent client is accepted at once and closed
-/// at that timeout.
+/// `handshake_timeout` too short for the wait, a silent client is accepted at once and closed
+/// at that timeout (still deferred, it would be handed over after 1 s and closed at 1.5 s).
+/// That the wait is on at start is `hostile.rs`'s silent-client test.
 #[tokio::test]
 async fn a_reload_below_the_accept_wait_stops_deferring_on_the_kept_socket() {
     let ws = Workspace::new();
     let (up, _) = http_upstream().await;
     let path = ws.config(&config_for(&ws, up, ""));
     let proxy = ProxyProcess::start(&path);
-    let active = [("listener", "ingress")];
-
-    let _silent = TcpStream::connect(proxy.addr("ingress")).await.unwrap();
     let (status, _, _) = get_tls(proxy.addr("ingress"), &ws.ca_pem(), "localhost", "/").await;
     assert_eq!(status, StatusCode::OK);
-    let held = proxy
-        .wait_for_metric("ciphergate_connections_active", &active, 0.0)
-        .await;
-    assert_eq!(held, 0.0, "a silent client was accepted before it spoke");
 
     std::fs::write(
         &path,
@@ -334,7 +328,7 @@ async fn a_reload_below_the_accept_wait_stops_deferring_on_the_kept_socket() {
     let waited = started.elapsed();
     assert!(
         waited >= std::time::Duration::from_millis(400)
-            && waited < std::time::Duration::from_millis(900),
+            && waited < std::time::Duration::from_millis(1300),
         "closed after {waited:?}"
     );
 }
