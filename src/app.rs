@@ -19,6 +19,7 @@ use crate::admin::{self, Readiness};
 use crate::config::{self, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
+use crate::socket::ListeningSocket;
 use crate::sys;
 use crate::workers::Workers;
 
@@ -47,7 +48,7 @@ struct ListenerHandle {
     local_addr: SocketAddr,
     state: Arc<ArcSwap<ListenerState>>,
     /// The listening socket, shared with the accept loop, for options a reload changes.
-    socket: Arc<TcpListener>,
+    socket: Arc<ListeningSocket>,
     /// Stops this accept loop alone (on reload) or with everything (on drain).
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -95,7 +96,7 @@ impl Proxy {
         };
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
-            sockets.push(Some(bind(&listener.name, listener.bind).await?));
+            sockets.push(Some(bind(&listener.name, listener.bind)?));
         }
         let states = proxy.build_states(config, &sockets)?;
         for (state, socket) in states.into_iter().zip(sockets) {
@@ -128,7 +129,7 @@ impl Proxy {
     fn build_states(
         &self,
         config: &Config,
-        sockets: &[Option<TcpListener>],
+        sockets: &[Option<ListeningSocket>],
     ) -> Result<Vec<ListenerState>, AppError> {
         config
             .listeners
@@ -137,7 +138,7 @@ impl Proxy {
             .map(|(l, socket)| {
                 let running = self.running(&l.name, l.bind);
                 let bound = match socket {
-                    Some(socket) => socket.local_addr().ok(),
+                    Some(socket) => Some(socket.local_addr()),
                     None => running.map(|h| h.local_addr),
                 };
                 let port = bound.map_or(l.bind.port(), |a| a.port());
@@ -157,10 +158,10 @@ impl Proxy {
             .find(|h| h.name == name && h.bind == bind)
     }
 
-    fn spawn_listener(&mut self, socket: TcpListener, mut state: ListenerState) {
+    fn spawn_listener(&mut self, socket: ListeningSocket, mut state: ListenerState) {
         let socket = Arc::new(socket);
         defer_accept(&socket, &mut state);
-        let local_addr = socket.local_addr().unwrap_or(state.bind);
+        let local_addr = socket.local_addr();
         let stop = self.shutdown.child_token();
         let name = state.name.clone();
         let bind = state.bind;
@@ -191,7 +192,7 @@ impl Proxy {
         for l in &config.listeners {
             sockets.push(match self.running(&l.name, l.bind) {
                 Some(_) => None,
-                None => Some(bind(&l.name, l.bind).await?),
+                None => Some(bind(&l.name, l.bind)?),
             });
         }
         let states = self.build_states(config, &sockets)?;
@@ -340,7 +341,7 @@ impl Watch {
 
 /// Applies the state's accept wait to its listening socket, and records whether the kernel
 /// took it (a listener whose socket does not defer keeps its timeouts as they are).
-fn defer_accept(socket: &TcpListener, state: &mut ListenerState) {
+fn defer_accept(socket: &ListeningSocket, state: &mut ListenerState) {
     let wait = state.accept_wait();
     let applied = sys::set_defer_accept(socket, wait);
     if let Err(e) = &applied
@@ -351,14 +352,12 @@ fn defer_accept(socket: &TcpListener, state: &mut ListenerState) {
     state.accept_deferred = applied.is_ok() && !wait.is_zero();
 }
 
-async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: format!("listener {name}"),
-            addr,
-            source,
-        })
+fn bind(name: &str, addr: SocketAddr) -> Result<ListeningSocket, AppError> {
+    ListeningSocket::bind(addr).map_err(|source| AppError::Bind {
+        what: format!("listener {name}"),
+        addr,
+        source,
+    })
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains.

@@ -24,7 +24,8 @@
 //! [`config`] turns files into a validated [`config::Config`], reporting every error with its
 //! key path; [`app`] binds everything, reloads on SIGHUP and drains on SIGTERM.
 
-// `unsafe` is allowed in one place only: the socket option in [`sys`].
+// `unsafe` is allowed in two places only: the socket option in [`sys`], and registering a
+// listening socket with the reactor in [`socket`].
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod relay;
+pub mod socket;
 pub mod sys;
 pub mod tls;
 pub mod upstream;

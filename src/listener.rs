@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,6 +43,7 @@ use crate::http::{
 use crate::io::{IdleClock, Metered};
 use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
+use crate::socket::ListeningSocket;
 use crate::tls::stream::{ServerStream, read_client_hello};
 use crate::upstream::{DynamicConnector, Security, Upstream};
 use crate::workers::Workers;
@@ -303,7 +304,7 @@ fn http_server(settings: &Settings) -> auto::Builder<StreamExecutor> {
 /// Accepts until `shutdown`, then lets go of the socket; it closes, refusing new connections,
 /// once the listener's handle in [`crate::app`] has let go too.
 pub async fn accept_loop(
-    listener: Arc<TcpListener>,
+    listener: Arc<ListeningSocket>,
     state: Arc<ArcSwap<ListenerState>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -332,10 +333,6 @@ pub async fn accept_loop(
             _active: state.metrics.active_guard(),
             _permit: permit,
         });
-        // Leave the accept loop's reactor; the worker registers the socket with its own.
-        let Ok(stream) = stream.into_std() else {
-            continue;
-        };
         let tasks = connections.clone();
         workers.spawn(
             &connections,
@@ -404,10 +401,10 @@ async fn connection(
         deadline -= DEFER_ACCEPT;
     }
     // Register the socket with this worker's reactor, so its readiness wakes this thread.
+    // (`TCP_NODELAY` came with it from the listening socket.)
     let Ok(stream) = TcpStream::from_std(stream) else {
         return;
     };
-    let _ = stream.set_nodelay(true);
     let detected = match arrived {
         Some(detected) => detected,
         None => match boxed(timeout_at(deadline, detect(&stream))).await {

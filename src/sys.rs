@@ -1,7 +1,7 @@
 //! The one socket option neither the standard library nor tokio sets: `TCP_DEFER_ACCEPT`.
 //!
-//! This is the crate's only `unsafe` code: two calls into the C library, each with a value
-//! that lives across the call and its exact size.
+//! Two calls into the C library, each with a value that lives across the call and its exact
+//! size: with the listener's registration in [`crate::socket`], the crate's only `unsafe` code.
 
 #![allow(unsafe_code)]
 
