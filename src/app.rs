@@ -343,13 +343,13 @@ impl Watch {
 /// took it (a listener whose socket does not defer keeps its timeouts as they are).
 fn defer_accept(socket: &ListeningSocket, state: &mut ListenerState) {
     let wait = state.accept_wait();
-    let applied = sys::set_defer_accept(socket, wait);
-    if let Err(e) = &applied
+    if let Err(e) = sys::set_defer_accept(socket, wait)
         && e.kind() != std::io::ErrorKind::Unsupported
     {
-        warn!(listener = %state.name, error = %e, "deferred accept not applied");
+        warn!(listener = %state.name, wait_s = wait.as_secs(), error = %e, "deferred accept not changed");
     }
-    state.accept_deferred = applied.is_ok() && !wait.is_zero();
+    // What the kernel does, whatever was asked: a failed change leaves the old wait in place.
+    state.accept_deferred = sys::defer_accept(socket).is_ok_and(|w| !w.is_zero());
 }
 
 fn bind(name: &str, addr: SocketAddr) -> Result<ListeningSocket, AppError> {

@@ -17,7 +17,9 @@ use tokio::io::unix::AsyncFd;
 /// A bound, listening TCP socket, registered with the reactor of the runtime that bound it.
 #[derive(Debug)]
 pub struct ListeningSocket {
+    /// mio's listener, whose accept leaves the new socket unregistered.
     inner: AsyncFd<mio::net::TcpListener>,
+    /// Read once at bind: it cannot change.
     local_addr: SocketAddr,
 }
 
@@ -47,6 +49,9 @@ impl ListeningSocket {
         loop {
             let mut ready = self.inner.readable().await?;
             if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
+                // Readiness waits take no cooperative budget, as tokio's own accept does: under
+                // a flood the loop must still let the runtime's other tasks run.
+                tokio::task::coop::consume_budget().await;
                 return accepted.map(|(stream, peer)| (stream.into(), peer));
             }
         }

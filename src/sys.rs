@@ -1,7 +1,8 @@
-//! The one socket option neither the standard library nor tokio sets: `TCP_DEFER_ACCEPT`.
+//! `TCP_DEFER_ACCEPT`, the socket option no dependency sets.
 //!
 //! Two calls into the C library, each with a value that lives across the call and its exact
-//! size: with the listener's registration in [`crate::socket`], the crate's only `unsafe` code.
+//! size. With the listener's registration in [`crate::socket`], this is all the crate's
+//! `unsafe` code.
 
 #![allow(unsafe_code)]
 
