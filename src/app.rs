@@ -44,10 +44,9 @@ struct ListenerHandle {
     name: String,
     /// The configured address (a rebind is detected against it).
     bind: SocketAddr,
-    /// The address actually bound (differs when the config says port 0).
-    local_addr: SocketAddr,
     state: Arc<ArcSwap<ListenerState>>,
-    /// The listening socket, shared with the accept loop, for options a reload changes.
+    /// The listening socket, shared with the accept loop, for options a reload changes and
+    /// the address actually bound (differs when the config says port 0).
     socket: Arc<ListeningSocket>,
     /// Stops this accept loop alone (on reload) or with everything (on drain).
     stop: CancellationToken,
@@ -116,7 +115,7 @@ impl Proxy {
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .map(|h| (h.name.clone(), h.local_addr))
+            .map(|h| (h.name.clone(), h.socket.local_addr()))
             .collect()
     }
 
@@ -139,7 +138,7 @@ impl Proxy {
                 let running = self.running(&l.name, l.bind);
                 let bound = match socket {
                     Some(socket) => Some(socket.local_addr()),
-                    None => running.map(|h| h.local_addr),
+                    None => running.map(|h| h.socket.local_addr()),
                 };
                 let port = bound.map_or(l.bind.port(), |a| a.port());
                 let limit = match running {
@@ -161,7 +160,6 @@ impl Proxy {
     fn spawn_listener(&mut self, socket: ListeningSocket, mut state: ListenerState) {
         let socket = Arc::new(socket);
         defer_accept(&socket, &mut state);
-        let local_addr = socket.local_addr();
         let stop = self.shutdown.child_token();
         let name = state.name.clone();
         let bind = state.bind;
@@ -173,11 +171,10 @@ impl Proxy {
             self.connections.clone(),
             self.workers.clone(),
         ));
-        info!(listener = %name, bind = %local_addr, "listening");
+        info!(listener = %name, bind = %socket.local_addr(), "listening");
         self.listeners.push(ListenerHandle {
             name,
             bind,
-            local_addr,
             state,
             socket,
             stop,
