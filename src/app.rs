@@ -145,7 +145,9 @@ impl Proxy {
                     Some(h) => h.state.load().limit.clone(),
                     None => ConnectionLimit::new(l.settings.max_connections),
                 };
-                ListenerState::build(l, port, limit, &self.metrics).map_err(AppError::from)
+                let earlier = running.map(|h| h.state.load_full());
+                ListenerState::build(l, port, limit, &self.metrics, earlier.as_deref())
+                    .map_err(AppError::from)
             })
             .collect()
     }

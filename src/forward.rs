@@ -10,6 +10,7 @@
 //! `server_name` rules match the destination host, `destination` rules its resolved addresses.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode};
@@ -34,15 +35,23 @@ const HELLO_PREFIX: usize = 6;
 
 /// The forward proxy's state: a pooled client keyed by destination.
 pub struct ForwardProxy {
-    client: PooledClient,
+    /// Shared with the listener's earlier and later states while the TLS settings stay the
+    /// same, so a reload keeps the open connections (see [`crate::http::HttpUpstream::new`]).
+    client: Arc<PooledClient>,
     connector: DynamicConnector,
 }
 
 impl ForwardProxy {
-    pub fn new(connector: DynamicConnector) -> Self {
-        ForwardProxy {
-            client: pooled_client(Connector::Dynamic(connector.clone())),
-            connector,
+    pub fn new(connector: DynamicConnector, earlier: Option<&ForwardProxy>) -> Self {
+        match earlier.filter(|e| e.connector.same_as(&connector)) {
+            Some(same) => ForwardProxy {
+                client: same.client.clone(),
+                connector: same.connector.clone(),
+            },
+            None => ForwardProxy {
+                client: Arc::new(pooled_client(Connector::Dynamic(connector.clone()))),
+                connector,
+            },
         }
     }
 

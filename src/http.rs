@@ -65,10 +65,12 @@ pub fn pooled_client(connector: Connector) -> PooledClient {
 }
 
 /// One fixed upstream as the HTTP side uses it: how to reach it, a pooled client, and the URI
-/// parts that address it.
+/// parts that address it. A clone is another handle on the same leg and its connections.
+#[derive(Clone)]
 pub struct HttpUpstream {
     pub target: Arc<Upstream>,
-    client: PooledClient,
+    /// Shared with the listener's earlier and later states while the leg stays the same.
+    client: Arc<PooledClient>,
     scheme: Scheme,
     authority: Authority,
     /// The Host an originate listener sends: the upstream's name, with its port unless it is
@@ -80,7 +82,20 @@ pub struct HttpUpstream {
 }
 
 impl HttpUpstream {
-    pub fn new(target: Arc<Upstream>) -> Self {
+    /// The leg to `target`, keeping the open connections of an earlier state's leg when it is
+    /// the same one (see [`Upstream::same_leg`]): a reload then costs the app no new
+    /// connections. Discarding them would make every client connection opened after a reload
+    /// open its own again, at once, and an app with a short accept queue (Python's
+    /// `http.server` has 5) drops such a burst: those requests wait seconds for the kernel's
+    /// retransmissions.
+    pub fn new(target: Arc<Upstream>, earlier: &[&HttpUpstream]) -> Self {
+        match earlier.iter().find(|e| e.target.same_leg(&target)) {
+            Some(same) => HttpUpstream::clone(same),
+            None => Self::fresh(target),
+        }
+    }
+
+    fn fresh(target: Arc<Upstream>) -> Self {
         let scheme = if target.uses_tls() {
             Scheme::HTTPS
         } else {
@@ -101,7 +116,7 @@ impl HttpUpstream {
         HttpUpstream {
             host_header,
             local,
-            client: pooled_client(Connector::Fixed(target.clone())),
+            client: Arc::new(pooled_client(Connector::Fixed(target.clone()))),
             target,
             scheme,
             authority,
@@ -139,6 +154,22 @@ pub enum Route {
     },
     /// An originate listener without an upstream: a forward proxy for `HTTP_PROXY`.
     Forward(ForwardProxy),
+}
+
+impl Route {
+    /// The fixed upstream legs of this route.
+    pub fn upstreams(&self) -> Vec<&HttpUpstream> {
+        match self {
+            Route::Terminate(upstream) => vec![upstream],
+            Route::Originate {
+                tls,
+                plaintext_exception,
+            } => std::iter::once(tls)
+                .chain(plaintext_exception.as_deref())
+                .collect(),
+            Route::Forward(_) => Vec::new(),
+        }
+    }
 }
 
 /// The per-listener HTTP state, built once per config and shared by its connections.

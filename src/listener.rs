@@ -145,12 +145,18 @@ impl ListenerState {
     /// that says port 0).
     /// `limit` is the listener's connection limit, kept across reloads; its maximum is set
     /// from this config.
+    /// `earlier` is the state this one replaces on a reload: upstream legs that stay the same
+    /// keep its open connections.
     pub fn build(
         config: &ListenerConfig,
         bound_port: u16,
         limit: Arc<ConnectionLimit>,
         metrics: &Metrics,
+        earlier: Option<&ListenerState>,
     ) -> Result<Self, BuildError> {
+        let earlier_route = earlier.and_then(|e| e.http.as_ref()).map(|h| &h.route);
+        let earlier_legs = earlier_route.map(Route::upstreams).unwrap_or_default();
+        let leg = |upstream| HttpUpstream::new(upstream, &earlier_legs);
         let listener_metrics = metrics.listener(
             &config.name,
             &config.policy.rule_names(),
@@ -197,12 +203,10 @@ impl ListenerState {
         let (http, tcp) = match (config.protocol, legs) {
             (Protocol::Http, legs) => {
                 let route = match (config.mode, legs) {
-                    (Mode::Terminate, Some((upstream, _))) => {
-                        Route::Terminate(HttpUpstream::new(upstream))
-                    }
+                    (Mode::Terminate, Some((upstream, _))) => Route::Terminate(leg(upstream)),
                     (Mode::Originate, Some((upstream, exception))) => Route::Originate {
-                        tls: HttpUpstream::new(upstream),
-                        plaintext_exception: exception.map(|e| Box::new(HttpUpstream::new(e))),
+                        tls: leg(upstream),
+                        plaintext_exception: exception.map(|e| Box::new(leg(e))),
                     },
                     // Validation guarantees terminate listeners have an upstream.
                     (_, None) => {
@@ -212,11 +216,16 @@ impl ListenerState {
                                     listener: config.name.clone(),
                                     reason,
                                 })?;
-                        Route::Forward(ForwardProxy::new(DynamicConnector {
+                        let earlier = match earlier_route {
+                            Some(Route::Forward(forward)) => Some(forward),
+                            _ => None,
+                        };
+                        let connector = DynamicConnector {
                             tls: client,
                             timeout,
                             metrics: listener_metrics.clone(),
-                        }))
+                        };
+                        Route::Forward(ForwardProxy::new(connector, earlier))
                     }
                 };
                 let proxy = HttpProxy::new(config, bound_port, route, listener_metrics.clone());

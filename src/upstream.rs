@@ -21,7 +21,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::config::UpstreamAddr;
 use crate::metrics::{HandshakeOutcome, Leg, ListenerMetrics, UpstreamFailure};
-use crate::tls::client::UpstreamTls;
+use crate::tls::client::{ClientTls, UpstreamTls};
 
 /// How the bytes of a leg travel.
 #[derive(Clone)]
@@ -50,6 +50,17 @@ pub struct Upstream {
 impl Upstream {
     pub fn uses_tls(&self) -> bool {
         matches!(self.security, Security::Tls(_))
+    }
+
+    /// Whether a connection made for `self` is as good for `other`: the same address, security
+    /// and timeout. A reload keeps a leg's open connections when the new config's leg is the
+    /// same.
+    pub fn same_leg(&self, other: &Upstream) -> bool {
+        let security = match (&self.security, &other.security) {
+            (Security::Tls(a), Security::Tls(b)) => a.same_as(b),
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        };
+        security && self.addr == other.addr && self.timeout == other.timeout
     }
 
     /// Resolves the host (at connect time, never cached) to the addresses this leg may use:
@@ -114,7 +125,7 @@ impl Upstream {
         let Security::Tls(tls) = &self.security else {
             return Ok(UpstreamStream::Plain(tcp));
         };
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let connector = tokio_rustls::TlsConnector::from(tls.client.config.clone());
         match timeout_at(deadline, connector.connect(tls.server_name.clone(), tcp)).await {
             Ok(Ok(stream)) => {
                 self.metrics.handshake(Leg::Upstream, HandshakeOutcome::Ok);
@@ -262,12 +273,17 @@ impl Connection for UpstreamStream {
 /// builds only after a narrowed `allow` rule matched.
 #[derive(Clone)]
 pub struct DynamicConnector {
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: ClientTls,
     pub timeout: Duration,
     pub metrics: ListenerMetrics,
 }
 
 impl DynamicConnector {
+    /// Whether connections made by `self` are as good for `other` (see [`Upstream::same_leg`]).
+    pub fn same_as(&self, other: &DynamicConnector) -> bool {
+        self.tls.fingerprint == other.tls.fingerprint && self.timeout == other.timeout
+    }
+
     /// The upstream a URI names, or `None` when it names no host.
     pub fn upstream_for(&self, uri: &Uri) -> Option<Upstream> {
         let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
@@ -276,7 +292,7 @@ impl DynamicConnector {
         let security = if tls {
             let server_name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
             Security::Tls(UpstreamTls {
-                config: self.tls.clone(),
+                client: self.tls.clone(),
                 server_name,
             })
         } else {

@@ -122,6 +122,123 @@ async fn twenty_reloads_under_continuous_traffic_lose_no_request() {
     );
 }
 
+/// Issue 16: h2load through ciphergate to a slow app with a short accept queue lost requests
+/// when a reload came in the middle. Each reload threw the upstream connections away, so the
+/// client connections opened after it opened dozens at once, the app's queue overflowed and
+/// those requests waited for the kernel's retransmissions, past the clients' timeouts.
+///
+/// Rounds of new h2 (4 connections x 10 streams) and HTTP/1.1 keep-alive clients, each round
+/// racing a reload, against an app that answers after 20 ms and listens with a backlog of 5:
+/// every request is answered in time, and the app sees no more connections than the
+/// concurrency needs, however many reloads there were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_h2_and_h1_load_answer_every_request_on_the_same_app_connections() {
+    const ROUNDS: usize = 10;
+    const H2_CONNECTIONS: usize = 4;
+    const STREAMS: usize = 10;
+    const H1_CLIENTS: usize = 2;
+    const REQUESTS_EACH: usize = 3;
+    // As h2load -T 5: a request that takes longer counts as lost.
+    const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    let ws = Workspace::new();
+    let (up, seen) = http_upstream_with_backlog(5);
+    let path = ws.config(&config_for(&ws, up, ""));
+    let proxy = Arc::new(ProxyProcess::start(&path));
+    let addr = proxy.addr("ingress");
+    let ca = ws.ca_pem();
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+
+    for round in 0..ROUNDS {
+        // A reload racing this round's new connections and their requests.
+        let rule = if round % 2 == 0 {
+            "\n[[rule]]\nname = \"health\"\ntransport = \"plaintext\"\nsource = [\"127.0.0.1/32\"]\npath_prefix = [\"/healthz\"]\naction = \"allow\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(&path, config_for(&ws, up, rule)).unwrap();
+        let reloader = {
+            let proxy = proxy.clone();
+            tokio::task::spawn_blocking(move || reload(&proxy))
+        };
+        let mut clients = Vec::new();
+        for _ in 0..H2_CONNECTIONS {
+            let h2 = H2::connect(addr, &ca, "localhost").await;
+            for _ in 0..STREAMS {
+                let (mut h2, ok, failed) = (h2.clone(), ok.clone(), failed.clone());
+                clients.push(tokio::spawn(async move {
+                    for _ in 0..REQUESTS_EACH {
+                        let answer = tokio::time::timeout(
+                            CLIENT_TIMEOUT,
+                            h2.get("https://localhost/slow?ms=20"),
+                        )
+                        .await;
+                        match answer {
+                            Ok(Ok((StatusCode::OK, _))) => ok.fetch_add(1, Ordering::SeqCst),
+                            _ => failed.fetch_add(1, Ordering::SeqCst),
+                        };
+                    }
+                }));
+            }
+        }
+        for _ in 0..H1_CLIENTS {
+            let (ok, failed, ca) = (ok.clone(), failed.clone(), ca.clone());
+            clients.push(tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let tls = tls_connect(tcp, client_tls(&ca, &["http/1.1"]), "localhost")
+                    .await
+                    .unwrap();
+                let mut h1 = H1::new(tls).await;
+                for _ in 0..REQUESTS_EACH * 2 {
+                    let answer =
+                        tokio::time::timeout(CLIENT_TIMEOUT, h1.get("localhost", "/slow?ms=20"))
+                            .await;
+                    match answer {
+                        Ok(Ok((StatusCode::OK, _, _))) => ok.fetch_add(1, Ordering::SeqCst),
+                        _ => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
+        assert!(reloader.await.unwrap(), "reload {round} was refused");
+    }
+
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let sent = ROUNDS * (H2_CONNECTIONS * STREAMS + H1_CLIENTS * 2) * REQUESTS_EACH;
+    assert_eq!(
+        (ok, failed),
+        (sent, 0),
+        "requests lost across reloads ({ok} answered of {sent})"
+    );
+    // At most one app connection per request in flight at once, on each of the proxy's
+    // workers; without the pools surviving reloads it was one per request in flight per round.
+    let concurrency = H2_CONNECTIONS * STREAMS + H1_CLIENTS;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        seen.connections() <= concurrency * workers,
+        "the app saw {} connections for {concurrency} requests in flight over {ROUNDS} reloads",
+        seen.connections()
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get("ciphergate_config_reloads_total", &[("outcome", "ok")]),
+        ROUNDS as f64
+    );
+    assert_eq!(
+        m.get(
+            "ciphergate_upstream_errors_total",
+            &[("listener", "ingress"), ("reason", "connect")]
+        ) + m.get(
+            "ciphergate_upstream_errors_total",
+            &[("listener", "ingress"), ("reason", "timeout")]
+        ),
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn certificates_rotate_for_new_handshakes_and_broken_ones_are_refused() {
     let ws = Workspace::new();

@@ -558,3 +558,61 @@ async fn an_upstream_that_only_speaks_tls_1_1_is_refused() {
         1.0
     );
 }
+
+/// Sends SIGHUP and waits until the reload is logged as applied.
+fn reload(proxy: &ProxyProcess) {
+    let lines = proxy.logs().len();
+    proxy.signal("HUP");
+    assert!(proxy.wait_for_log_after(lines, |l| l.contains("config reloaded")));
+}
+
+/// A reload keeps the verified TLS connections to an upstream whose TLS settings it does not
+/// change, and opens new ones (with a new handshake) when it changes them.
+#[tokio::test]
+async fn a_reload_keeps_upstream_tls_connections_only_while_their_settings_stay() {
+    let ws = Workspace::new();
+    let cert = ws.ca.issue_server(&["localhost".into()]).unwrap();
+    let (up, seen) = TlsUpstream::new(&cert).http().await;
+    let ca = ws.p("ca.crt");
+    let upstream = format!("localhost:{}", up.port());
+    let config = |more: &str| {
+        format!(
+            "{}{}",
+            preamble("info"),
+            egress("api", &upstream, &upstream_tls(&ca, more))
+        )
+    };
+    let path = ws.config(&config(""));
+    // One worker: every client connection shares one pool.
+    let proxy = ProxyProcess::start_with_env(&path, &[("TOKIO_WORKER_THREADS", "1")]);
+    assert_eq!(app_get(&proxy, "api", "/first").await.0, StatusCode::OK);
+    assert_eq!(seen.connections(), 1);
+
+    // The same settings (the file rewritten): the open connection carries on.
+    std::fs::write(&path, config("")).unwrap();
+    reload(&proxy);
+    assert_eq!(app_get(&proxy, "api", "/same").await.0, StatusCode::OK);
+    assert_eq!(
+        seen.connections(),
+        1,
+        "a reload that changed nothing reconnected"
+    );
+
+    // Other TLS settings: connections made under the old ones are not used for new requests.
+    std::fs::write(&path, config("  alpn = [\"http/1.1\"]\n")).unwrap();
+    reload(&proxy);
+    assert_eq!(app_get(&proxy, "api", "/changed").await.0, StatusCode::OK);
+    assert_eq!(
+        seen.connections(),
+        2,
+        "a changed upstream_tls reused the old connection"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_tls_handshakes_total",
+            &[("listener", "api"), ("leg", "upstream"), ("outcome", "ok")]
+        ),
+        2.0
+    );
+}

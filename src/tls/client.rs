@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use aws_lc_rs::digest;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 
@@ -14,12 +15,31 @@ pub enum ClientTlsError {
     Build { listener: String, reason: String },
 }
 
+/// A digest of everything a [`ClientConfig`] was built from (roots, client certificate and
+/// key, versions, ALPN). Two equal fingerprints mean a connection made under one config is as
+/// good as one made under the other, so a reload can keep the connections already open.
+pub type Fingerprint = [u8; 32];
+
+/// A built client config and its [`Fingerprint`].
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<ClientConfig>,
+    pub fingerprint: Fingerprint,
+}
+
 /// What a connector needs to speak TLS to the upstream.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    pub config: Arc<ClientConfig>,
+    pub client: ClientTls,
     /// Sent as SNI and verified against the certificate.
     pub server_name: ServerName<'static>,
+}
+
+impl UpstreamTls {
+    /// Whether connections made with `self` may be used where `other` is configured.
+    pub fn same_as(&self, other: &UpstreamTls) -> bool {
+        self.server_name == other.server_name && self.client.fingerprint == other.client.fingerprint
+    }
 }
 
 /// Builds the upstream TLS settings of a listener: its `upstream_tls` table if given, the
@@ -36,9 +56,9 @@ pub fn upstream_tls(listener: &ListenerConfig, host: &str) -> Result<UpstreamTls
         .to_owned();
     let server_name =
         ServerName::try_from(name).map_err(|_| fail("invalid upstream server name".into()))?;
-    let config = client_config(listener, tls).map_err(fail)?;
+    let client = client_config(listener, tls).map_err(fail)?;
     Ok(UpstreamTls {
-        config,
+        client,
         server_name,
     })
 }
@@ -46,7 +66,7 @@ pub fn upstream_tls(listener: &ListenerConfig, host: &str) -> Result<UpstreamTls
 pub fn client_config(
     listener: &ListenerConfig,
     tls: Option<&UpstreamTlsConfig>,
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<ClientTls, String> {
     let roots = match tls.map_or(&Roots::Webpki, |t| &t.roots) {
         Roots::Webpki => RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -71,23 +91,54 @@ pub fn client_config(
     let min_version = tls
         .and_then(|t| t.min_tls_version)
         .unwrap_or(listener.settings.min_tls_version);
-    let builder = ClientConfig::builder_with_provider(super::provider())
-        .with_protocol_versions(min_version.versions())
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let mut config = match tls.and_then(|t| t.client_cert.as_ref()) {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain.clone(), key.clone_key())
-            .map_err(|e| format!("client_cert: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
+    let client_cert = tls.and_then(|t| t.client_cert.as_ref());
     let configured = tls.map(|t| t.alpn.as_slice()).unwrap_or_default();
-    config.alpn_protocols = if !configured.is_empty() {
+    let alpn = if !configured.is_empty() {
         configured.iter().map(|p| p.as_bytes().to_vec()).collect()
     } else if listener.protocol == Protocol::Http {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
         Vec::new()
     };
-    Ok(Arc::new(config))
+
+    let mut digest = digest::Context::new(&digest::SHA256);
+    let mut field = |bytes: &[u8]| {
+        digest.update(&(bytes.len() as u64).to_be_bytes());
+        digest.update(bytes);
+    };
+    for root in roots.roots.iter() {
+        field(&root.subject);
+        field(&root.subject_public_key_info);
+    }
+    field(&[min_version as u8]);
+    if let Some((chain, key)) = client_cert {
+        for cert in chain {
+            field(cert);
+        }
+        field(key.secret_der());
+    }
+    for protocol in &alpn {
+        field(protocol);
+    }
+    let fingerprint = digest
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
+
+    let builder = ClientConfig::builder_with_provider(super::provider())
+        .with_protocol_versions(min_version.versions())
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(|e| format!("client_cert: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn;
+    Ok(ClientTls {
+        config: Arc::new(config),
+        fingerprint,
+    })
 }

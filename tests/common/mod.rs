@@ -432,7 +432,19 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
 /// A plaintext HTTP/1.1 upstream on 127.0.0.1:0 that records every request and answers
 /// `200 upstream saw {path}`. `/ws` answers a WebSocket-style upgrade and echoes bytes after it.
 pub async fn http_upstream() -> (SocketAddr, Arc<Seen>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_upstream_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// [`http_upstream`] with a short accept queue, as many apps have (Python's `http.server`
+/// listens with 5): a burst of new connections beyond it waits for the kernel's
+/// retransmissions.
+pub fn http_upstream_with_backlog(backlog: u32) -> (SocketAddr, Arc<Seen>) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    http_upstream_on(socket.listen(backlog).unwrap())
+}
+
+fn http_upstream_on(listener: TcpListener) -> (SocketAddr, Arc<Seen>) {
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
     let state = seen.clone();
@@ -677,6 +689,38 @@ pub async fn get_h2(
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An HTTP/2 client connection over TLS; clones send concurrent streams on it.
+#[derive(Clone)]
+pub struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+}
+
+impl H2 {
+    pub async fn connect(addr: SocketAddr, ca_pem: &str, sni: &str) -> Self {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tls_connect(tcp, client_tls(ca_pem, &["h2"]), sni)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        H2 { sender }
+    }
+
+    /// One GET on a new stream: the status and the body.
+    pub async fn get(&mut self, uri: &str) -> hyper::Result<(StatusCode, Bytes)> {
+        self.sender.ready().await?;
+        let req = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+        let response = self.sender.send_request(req).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
 }
 
 /// Writes `bytes` and reads until the peer closes (or [`PATIENCE`] passes).
