@@ -45,6 +45,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub listeners: Vec<ListenerConfig>,
+    /// `[capture]`: the netfilter rules that send every connection of the pod through
+    /// ciphergate; `None` when the table is absent.
+    pub capture: Option<CaptureConfig>,
     /// Findings that do not stop the config from loading (a certificate close to expiry).
     pub warnings: Vec<ConfigIssue>,
     /// The config file and every certificate, key and CA file it names: what a change to
@@ -54,6 +57,44 @@ pub struct Config {
     /// against (taken later, a change in between would be missed).
     pub fingerprint: u64,
 }
+
+/// `[capture]`, validated against the listeners it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Where every outbound TCP connection to a non-local address goes: a transparent
+    /// listener's name and port.
+    pub outbound: Option<CaptureTarget>,
+    /// App ports whose inbound TCP goes to a terminate listener.
+    pub inbound: Vec<InboundCapture>,
+    /// Connections made by this uid (ciphergate's own) are never redirected.
+    pub proxy_uid: u32,
+    /// Outbound destinations left alone.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Outbound destination ports left alone.
+    pub exclude_ports: Vec<u16>,
+    /// Ports where ciphergate itself listens on a non-loopback address (captured terminate
+    /// listeners, other listeners, admin): inbound connections to them are its own.
+    pub own_ports: Vec<u16>,
+}
+
+/// A listener that captured connections are redirected to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureTarget {
+    pub listener: String,
+    pub port: u16,
+}
+
+/// One `[[capture.inbound]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundCapture {
+    /// The app port clients dial.
+    pub port: u16,
+    /// The terminate listener that takes its connections instead.
+    pub to: CaptureTarget,
+}
+
+/// The uid the image runs ciphergate as, and `proxy_uid`'s default.
+pub const DEFAULT_PROXY_UID: u32 = 65532;
 
 pub struct AdminConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -618,10 +659,11 @@ impl Ctx<'_> {
         for table in rule_tables {
             rules.push(self.rule(table));
         }
-        self.finish(top);
 
         self.check_listeners(&listeners, admin.as_ref());
         self.check_rules(&rules, &listeners);
+        let capture = self.capture(&mut top, &listeners, admin.as_ref());
+        self.finish(top);
 
         if !self.errors.is_empty() {
             return None;
@@ -635,9 +677,171 @@ impl Ctx<'_> {
             admin: admin?,
             log: log?,
             listeners,
+            capture,
             warnings: Vec::new(),
             files: Vec::new(),
             fingerprint: 0,
+        })
+    }
+
+    /// Reads `[capture]` and checks it against the listeners it names.
+    fn capture(
+        &mut self,
+        top: &mut Table<'_>,
+        listeners: &[ListenerEntry],
+        admin: Option<&AdminConfig>,
+    ) -> Option<CaptureConfig> {
+        let mut t = self.table(top, "capture")?;
+        let errors_before = self.errors.len();
+        let target = |cx: &mut Self, name: &str, key: &str, value: Option<&Value>, want: Mode| {
+            let Some(l) = listeners.iter().find(|l| l.name.as_deref() == Some(name)) else {
+                let names = listener_names(listeners);
+                cx.error(
+                    value,
+                    key,
+                    format!("no listener is named `{name}` (listeners: {names})"),
+                );
+                return None;
+            };
+            if l.mode != want {
+                cx.error(
+                    value,
+                    key,
+                    format!(
+                        "listener `{name}` is {}; this must name a {} listener",
+                        l.mode.as_str(),
+                        want.as_str()
+                    ),
+                );
+                return None;
+            }
+            let bind = l.bind?;
+            if bind.port() == 0 {
+                cx.error(
+                    value,
+                    key,
+                    format!(
+                        "listener `{name}` binds port 0: the netfilter rules need the port it \
+                         listens on, so give it a fixed one"
+                    ),
+                );
+                return None;
+            }
+            let placement_ok = match want {
+                Mode::Transparent => bind.ip().is_loopback(),
+                _ => bind.ip().is_unspecified(),
+            };
+            if !placement_ok {
+                let why = match want {
+                    Mode::Transparent => {
+                        "binds a non-loopback address: a redirect lands on the loopback address \
+                         (127.0.0.1 or ::1)"
+                    }
+                    _ => {
+                        "does not bind the unspecified address: an inbound redirect lands on the \
+                         receiving interface's address, so bind 0.0.0.0 or [::]"
+                    }
+                };
+                cx.error(value, key, format!("listener `{name}` {why}"));
+                return None;
+            }
+            Some(CaptureTarget {
+                listener: name.to_owned(),
+                port: bind.port(),
+            })
+        };
+
+        let outbound = match self.get::<String>(&mut t, "outbound_listener") {
+            Some(name) => {
+                let value = t.dict.get("outbound_listener");
+                let key = t.key("outbound_listener");
+                target(self, &name, &key, value, Mode::Transparent)
+            }
+            None => None,
+        };
+        let mut inbound = Vec::new();
+        for mut it in self.tables(&mut t, "inbound") {
+            let port = self.required::<u16>(&mut it, "port");
+            let name = self.required::<String>(&mut it, "listener");
+            if port == Some(0) {
+                let value = it.dict.get("port");
+                self.error(value, &it.key("port"), "must be a port from 1 to 65535");
+            }
+            if let Some(port) = port
+                && inbound.iter().any(|i: &InboundCapture| i.port == port)
+            {
+                let value = it.dict.get("port");
+                self.error(
+                    value,
+                    &it.key("port"),
+                    format!("port {port} is captured twice"),
+                );
+            }
+            if let (Some(port), Some(name)) = (port.filter(|p| *p != 0), name) {
+                let value = it.dict.get("listener");
+                let key = it.key("listener");
+                if let Some(to) = target(self, &name, &key, value, Mode::Terminate) {
+                    inbound.push(InboundCapture { port, to });
+                }
+            }
+            self.finish(it);
+        }
+        let proxy_uid = self
+            .get::<u32>(&mut t, "proxy_uid")
+            .unwrap_or(DEFAULT_PROXY_UID);
+        let exclude_cidrs = if t.dict.contains_key("exclude_cidrs") {
+            self.cidrs(&mut t, "exclude_cidrs").unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let exclude_ports = self
+            .get::<Vec<u16>>(&mut t, "exclude_ports")
+            .unwrap_or_default();
+        if exclude_ports.contains(&0) {
+            let value = t.dict.get("exclude_ports");
+            self.error(value, &t.key("exclude_ports"), "ports run from 1 to 65535");
+        }
+        if !t.dict.contains_key("outbound_listener") && !t.dict.contains_key("inbound") {
+            self.error(
+                None,
+                &t.path,
+                "captures nothing: give outbound_listener, inbound, or both",
+            );
+        }
+        let key_path = t.path.clone();
+        self.finish(t);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        // Where ciphergate itself takes connections from outside the pod.
+        let mut own_ports: Vec<u16> = listeners
+            .iter()
+            .filter_map(|l| l.bind)
+            .chain(admin.map(|a| a.bind))
+            .filter(|b| !b.ip().is_loopback() && b.port() != 0)
+            .map(|b| b.port())
+            .collect();
+        own_ports.sort_unstable();
+        own_ports.dedup();
+        if let Some(clash) = inbound.iter().find(|i| own_ports.contains(&i.port)) {
+            self.error(
+                None,
+                &format!("{key_path}.inbound"),
+                format!(
+                    "port {} is one ciphergate listens on itself: capturing it would send its \
+                     own clients in a circle",
+                    clash.port
+                ),
+            );
+            return None;
+        }
+        Some(CaptureConfig {
+            outbound,
+            inbound,
+            proxy_uid,
+            exclude_cidrs,
+            exclude_ports,
+            own_ports,
         })
     }
 
@@ -784,7 +988,35 @@ impl Ctx<'_> {
 
         // Combinations that make no sense for the listener's mode and protocol.
         let terminate = mode == Mode::Terminate;
-        if upstream.is_none() && !t.dict.contains_key("upstream") {
+        if mode == Mode::Transparent {
+            for (key, reason) in [
+                (
+                    "upstream",
+                    "a transparent listener sends each connection to its original destination; \
+                     remove upstream",
+                ),
+                (
+                    "protocol",
+                    "a transparent listener tells HTTP from other traffic by the first bytes of \
+                     each connection; remove protocol",
+                ),
+            ] {
+                if let Some(value) = t.dict.get(key) {
+                    self.error(Some(value), &t.key(key), reason);
+                }
+            }
+            if let Some(bind) = bind
+                && !bind.ip().is_loopback()
+            {
+                let value = t.dict.get("bind");
+                self.error(
+                    value,
+                    &t.key("bind"),
+                    "a transparent listener takes the connections [capture] redirects to it, \
+                     which land on loopback: bind 127.0.0.1 or [::1]",
+                );
+            }
+        } else if upstream.is_none() && !t.dict.contains_key("upstream") {
             if terminate {
                 self.error(
                     None,
@@ -1154,6 +1386,26 @@ impl Ctx<'_> {
         let transport = self.get::<Transport>(&mut t, "transport");
         let source = self.cidrs(&mut t, "source");
         let destination = self.cidrs(&mut t, "destination");
+        let destination_port = self.get::<Vec<u16>>(&mut t, "destination_port");
+        match destination_port.as_deref() {
+            Some([]) => {
+                let value = t.dict.get("destination_port");
+                self.error(
+                    value,
+                    &t.key("destination_port"),
+                    "empty: omit the key instead",
+                );
+            }
+            Some(ports) if ports.contains(&0) => {
+                let value = t.dict.get("destination_port");
+                self.error(
+                    value,
+                    &t.key("destination_port"),
+                    "ports run from 1 to 65535",
+                );
+            }
+            _ => {}
+        }
         let mut server_name = Vec::new();
         for (i, name) in self
             .get::<Vec<String>>(&mut t, "server_name")
@@ -1200,7 +1452,13 @@ impl Ctx<'_> {
         let client_verified = self.get::<bool>(&mut t, "client_verified");
         let action = self.required::<Action>(&mut t, "action");
         let action_value = t.dict.get("action").cloned();
-        let t_has_destination = t.dict.contains_key("destination");
+        let destination_key = if t.dict.contains_key("destination") {
+            "destination"
+        } else {
+            "destination_port"
+        };
+        let t_has_destination =
+            t.dict.contains_key("destination") || t.dict.contains_key("destination_port");
         let mut plaintext_allow_by_source_only = false;
         let t_has_path_prefix = t.dict.contains_key("path_prefix");
         self.finish(t);
@@ -1214,6 +1472,7 @@ impl Ctx<'_> {
                 );
             }
             let narrowed_beyond_source = cidrs_narrow(destination.as_deref())
+                || destination_port.as_ref().is_some_and(|p| !p.is_empty())
                 || !server_name.is_empty()
                 // `/` among the prefixes matches every path: no narrowing at all.
                 || (!path_prefix.is_empty() && path_prefix.iter().all(|p| p != "/"));
@@ -1227,7 +1486,8 @@ impl Ctx<'_> {
                     action_value.as_ref(),
                     &format!("{key_path}.action"),
                     "a blanket plaintext `allow` is not permitted: narrow the rule with source, \
-                     server_name, destination or path_prefix (or set transport = \"tls\")",
+                     server_name, destination, destination_port or path_prefix (or set \
+                     transport = \"tls\")",
                 );
             }
         }
@@ -1239,6 +1499,7 @@ impl Ctx<'_> {
                 source: source.unwrap_or_default(),
                 server_name,
                 destination: destination.unwrap_or_default(),
+                destination_port: destination_port.unwrap_or_default(),
                 path_prefix,
                 client_verified,
                 action,
@@ -1248,6 +1509,7 @@ impl Ctx<'_> {
         RuleEntry {
             plaintext_allow_by_source_only,
             has_destination: t_has_destination,
+            destination_key,
             has_path_prefix: t_has_path_prefix,
             key_path,
             name,
@@ -1336,7 +1598,10 @@ impl Ctx<'_> {
                         self.error(
                             None,
                             &format!("{}[{i}]", key("listeners")),
-                            format!("no listener is named `{name}`"),
+                            format!(
+                                "no listener is named `{name}` (listeners: {})",
+                                listener_names(listeners)
+                            ),
                         );
                     }
                 }
@@ -1365,24 +1630,26 @@ impl Ctx<'_> {
                 }
             }
             if rule.plaintext_allow_by_source_only
-                && let Some(l) = covered.iter().find(|l| l.mode == Mode::Originate)
+                && let Some(l) = covered.iter().find(|l| l.mode.is_outbound())
             {
                 self.error(
                     None,
                     &key("action"),
                     format!(
-                        "a plaintext `allow` on originate listener `{}` must be narrowed by \
-                         destination, server_name or path_prefix: every connection there comes \
-                         from the local app, so source narrows nothing",
+                        "a plaintext `allow` on {} listener `{}` must be narrowed by \
+                         destination, destination_port, server_name or path_prefix: every \
+                         connection there comes from the local app, so source narrows nothing",
+                        l.mode.as_str(),
                         l.name.as_deref().unwrap_or_default()
                     ),
                 );
             }
-            if rule.has_destination && covered.iter().all(|l| l.mode != Mode::Originate) {
+            if rule.has_destination && covered.iter().all(|l| !l.mode.is_outbound()) {
                 self.error(
                     None,
-                    &key("destination"),
-                    "matches only on originate listeners, and the rule applies to none",
+                    &key(rule.destination_key),
+                    "matches only on originate and transparent listeners, and the rule applies \
+                     to none",
                 );
             }
             if rule.has_path_prefix && covered.iter().all(|l| l.protocol != Protocol::Http) {
@@ -1430,7 +1697,9 @@ struct RuleEntry {
     name: Option<String>,
     listeners: Option<Vec<String>>,
     action: Option<Action>,
+    /// Whether the rule tests `destination` or `destination_port`, and which key to name.
     has_destination: bool,
+    destination_key: &'static str,
     has_path_prefix: bool,
     /// A plaintext `allow` whose only narrowing is `source`: not narrow on an originate
     /// listener, where every connection comes from the local app.
@@ -1454,6 +1723,16 @@ fn cidrs_narrow(nets: Option<&[IpNet]>) -> bool {
             .iter()
             .all(|net| net.prefix_len() > 0),
         _ => false,
+    }
+}
+
+/// The names of the listeners, for an error that names a missing one.
+fn listener_names(listeners: &[ListenerEntry]) -> String {
+    let names: Vec<&str> = listeners.iter().filter_map(|l| l.name.as_deref()).collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }
 

@@ -22,12 +22,11 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::detect::{is_client_hello, may_become_client_hello};
 use crate::http::{
-    ConnInfo, HostHeader, HttpProxy, Leg, PooledClient, ProxyBody, Via, decide_originate,
-    failure_response, forbidden_by_rule, forward, local, malformed, originate_leg, pooled_client,
-    rewritten_path,
+    ConnInfo, HostHeader, HttpProxy, PooledClient, ProxyBody, Via, decide_originate,
+    failure_response, forbidden_by_rule, forward, local, malformed, pooled_client, rewritten_path,
 };
 use crate::metrics::DecisionLabel;
-use crate::policy::{self, Action, Decision, Facts, Transport};
+use crate::policy::{self, Action, Decision, Facts, Outbound, Transport};
 use crate::upstream::{Connector, DynamicConnector, Security, Upstream};
 
 /// How many bytes tell a TLS ClientHello (record header + handshake type).
@@ -133,6 +132,7 @@ async fn absolute(
         server_name: Some(&host),
         path: normalized.as_deref(),
         destination: None,
+        destination_port: Some(port.unwrap_or(if asked_tls { 443 } else { 80 })),
         client_verified: false,
     };
     let resolver = fp.upstream(&host, tls_port, Security::PlaintextException);
@@ -145,10 +145,10 @@ async fn absolute(
 
     // An https:// URL stays TLS whatever the rule says; an http:// one is upgraded unless a
     // narrowed rule allows it as is.
-    let (scheme, port) = match originate_leg(&decision) {
-        Leg::Refuse => return forbidden_by_rule(proxy, &decision),
-        Leg::Plaintext if !asked_tls => (Scheme::HTTP, port.unwrap_or(80)),
-        Leg::Tls | Leg::Plaintext => (Scheme::HTTPS, tls_port),
+    let (scheme, port) = match decision.outbound() {
+        Outbound::Refuse => return forbidden_by_rule(proxy, &decision),
+        Outbound::Plaintext if !asked_tls => (Scheme::HTTP, port.unwrap_or(80)),
+        Outbound::Tls | Outbound::Plaintext => (Scheme::HTTPS, tls_port),
     };
     let Some(authority) = authority_for(&host, port) else {
         return not_a_proxy_request();
@@ -213,6 +213,7 @@ async fn tunnel(
         server_name: Some(&host),
         path: None,
         destination: None,
+        destination_port: Some(port),
         client_verified: false,
     };
     let decide = |transport| match &addrs {

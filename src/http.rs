@@ -38,7 +38,7 @@ use crate::forward::ForwardProxy;
 use crate::io::IdleClock;
 use crate::listener::Held;
 use crate::metrics::{ListenerMetrics, UpstreamFailure};
-use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Transport};
+use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::pool::{LocalPool, Sticky};
 use crate::upstream::{Connector, Security, Upstream};
 use crate::workers::PerWorker;
@@ -318,6 +318,7 @@ async fn terminate(
             server_name,
             path: normalized.as_deref(),
             destination: None,
+            destination_port: None,
             client_verified: conn.client_verified,
         };
         let decision = proxy.count(policy::decide(&proxy.policy, &facts));
@@ -370,6 +371,7 @@ async fn originate(
         server_name: Some(&tls.target.addr.host),
         path: normalized.as_deref(),
         destination: None,
+        destination_port: Some(tls.target.addr.port),
         client_verified: false,
     };
     let (decision, addrs) = match decide_originate(&proxy.policy, &facts, &tls.target).await {
@@ -378,10 +380,10 @@ async fn originate(
     };
     let decision = proxy.count(decision);
     let rewritten = rewritten_path(normalized);
-    let leg = match originate_leg(&decision) {
-        Leg::Refuse => return forbidden_by_rule(proxy, &decision),
-        Leg::Tls => tls,
-        Leg::Plaintext => match plaintext_exception {
+    let leg = match decision.outbound() {
+        Outbound::Refuse => return forbidden_by_rule(proxy, &decision),
+        Outbound::Tls => tls,
+        Outbound::Plaintext => match plaintext_exception {
             Some(plain) => plain,
             // The exception leg exists whenever a rule could allow; fail closed regardless.
             None => return forbidden_by_rule(proxy, &decision),
@@ -420,25 +422,6 @@ pub async fn decide_originate(
     let addrs = target.resolve().await?;
     let (decision, approved) = policy::decide_destinations(policy, facts, &addrs);
     Ok((decision, Some(approved)))
-}
-
-/// Which leg an originate decision sends the app's plaintext on.
-pub enum Leg {
-    Tls,
-    Plaintext,
-    Refuse,
-}
-
-/// Originate listeners send plaintext on only for an explicit, narrowed `allow`. Under `audit`
-/// a rejection is let through over TLS, never in plaintext: audit must not open a plaintext
-/// path that enforcement would not.
-pub fn originate_leg(decision: &Decision) -> Leg {
-    match decision.action {
-        Action::Reject => Leg::Refuse,
-        Action::Allow if decision.audited => Leg::Tls,
-        Action::Allow => Leg::Plaintext,
-        Action::Upgrade => Leg::Tls,
-    }
 }
 
 /// 403 naming the rule that refused (originate listeners: the local app may be told why).

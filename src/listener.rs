@@ -37,12 +37,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, Protocol, Settings, UpstreamAddr};
 use crate::detect::{Detected, detect, detect_now};
 use crate::forward::ForwardProxy;
-use crate::http::{
-    ConnInfo, HttpProxy, HttpUpstream, Leg as HttpLeg, Route, decide_originate, originate_leg,
-};
+use crate::http::{ConnInfo, HttpProxy, HttpUpstream, Route, decide_originate};
 use crate::io::{IdleClock, Metered};
 use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
-use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Transport};
+use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::socket::ListeningSocket;
 use crate::tls::stream::{ServerStream, read_client_hello};
 use crate::upstream::{DynamicConnector, Security, Upstream};
@@ -167,7 +165,7 @@ impl ListenerState {
         }
         let tls = match config.mode {
             Mode::Terminate => Some(crate::tls::server::server_config(config)?),
-            Mode::Originate => None,
+            Mode::Originate | Mode::Transparent => None,
         };
         let timeout = config.settings.handshake_timeout;
         let make = |addr: &UpstreamAddr, security| {
@@ -204,10 +202,12 @@ impl ListenerState {
             (Protocol::Http, legs) => {
                 let route = match (config.mode, legs) {
                     (Mode::Terminate, Some((upstream, _))) => Route::Terminate(leg(upstream)),
-                    (Mode::Originate, Some((upstream, exception))) => Route::Originate {
-                        tls: leg(upstream),
-                        plaintext_exception: exception.map(|e| Box::new(leg(e))),
-                    },
+                    (Mode::Originate | Mode::Transparent, Some((upstream, exception))) => {
+                        Route::Originate {
+                            tls: leg(upstream),
+                            plaintext_exception: exception.map(|e| Box::new(leg(e))),
+                        }
+                    }
                     // Validation guarantees terminate listeners have an upstream.
                     (_, None) => {
                         let client =
@@ -625,7 +625,7 @@ async fn decide_tcp(
     let targets = state.tcp.as_ref()?;
     let server_name = match state.mode {
         Mode::Terminate => sni,
-        Mode::Originate => Some(targets.upstream.addr.host.as_str()),
+        Mode::Originate | Mode::Transparent => Some(targets.upstream.addr.host.as_str()),
     };
     let facts = Facts {
         transport,
@@ -633,22 +633,28 @@ async fn decide_tcp(
         server_name,
         path: None,
         destination: None,
+        destination_port: match state.mode {
+            Mode::Terminate => None,
+            _ => Some(targets.upstream.addr.port),
+        },
         client_verified,
     };
     let (decision, addrs) = match state.mode {
-        Mode::Originate => decide_originate(&state.policy, &facts, &targets.upstream)
-            .await
-            .ok()?,
+        Mode::Originate | Mode::Transparent => {
+            decide_originate(&state.policy, &facts, &targets.upstream)
+                .await
+                .ok()?
+        }
         Mode::Terminate => (policy::decide(&state.policy, &facts), None),
     };
     state.metrics.decision(decision.rule, decision.label());
     let upstream = match state.mode {
         Mode::Terminate if decision.action == Action::Reject => return None,
         Mode::Terminate => &targets.upstream,
-        Mode::Originate => match originate_leg(&decision) {
-            HttpLeg::Refuse => return None,
-            HttpLeg::Tls => &targets.upstream,
-            HttpLeg::Plaintext => targets.plaintext_exception.as_ref()?,
+        Mode::Originate | Mode::Transparent => match decision.outbound() {
+            Outbound::Refuse => return None,
+            Outbound::Tls => &targets.upstream,
+            Outbound::Plaintext => targets.plaintext_exception.as_ref()?,
         },
     };
     Some((upstream.clone(), addrs))

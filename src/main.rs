@@ -87,9 +87,10 @@ struct ExplainArgs {
     /// The request path (http listeners).
     #[arg(long, value_name = "P")]
     path: Option<String>,
-    /// The resolved upstream address (originate listeners).
-    #[arg(long, value_name = "IP")]
-    destination: Option<IpAddr>,
+    /// The resolved upstream address (originate listeners) or the original destination
+    /// (transparent listeners), with or without a port: `203.0.113.7:6379`, `[2001:db8::7]:443`.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_destination)]
+    destination: Option<(IpAddr, Option<u16>)>,
     /// The client presented a certificate that verified.
     #[arg(long)]
     client_verified: bool,
@@ -188,7 +189,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
     let transport = match (args.plaintext, args.tls, listener.mode) {
         (true, _, _) => Transport::Plaintext,
         (_, true, _) => Transport::Tls,
-        (_, _, Mode::Originate) => Transport::Plaintext,
+        (_, _, Mode::Originate | Mode::Transparent) => Transport::Plaintext,
         (_, _, Mode::Terminate) => Transport::Tls,
     };
     let server_name = args
@@ -198,7 +199,7 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         .map(|n| n.into_owned())
         .or_else(|| match listener.mode {
             Mode::Originate => listener.upstream.as_ref().map(|u| u.host.clone()),
-            Mode::Terminate => None,
+            Mode::Terminate | Mode::Transparent => None,
         });
     let path = args.path.as_deref().and_then(policy::normalize_path);
     let facts = Facts {
@@ -207,19 +208,32 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         server_name: server_name.as_deref(),
         path: path.as_deref(),
         // A fixed upstream given as an IP literal is the destination, without any lookup.
-        destination: args.destination.or_else(|| match listener.mode {
-            Mode::Originate => listener.upstream.as_ref().and_then(|u| u.ip()),
-            Mode::Terminate => None,
+        destination: args
+            .destination
+            .map(|(ip, _)| ip)
+            .or_else(|| match listener.mode {
+                Mode::Originate => listener.upstream.as_ref().and_then(|u| u.ip()),
+                Mode::Terminate | Mode::Transparent => None,
+            }),
+        destination_port: args.destination.and_then(|(_, port)| port).or_else(|| {
+            match listener.mode {
+                Mode::Originate => listener.upstream.as_ref().map(|u| u.port),
+                Mode::Terminate | Mode::Transparent => None,
+            }
         }),
         client_verified: args.client_verified,
     };
     let decision = policy::decide(&listener.policy, &facts);
-    println!(
-        "listener: {} ({}, {})",
-        listener.name,
-        listener.mode.as_str(),
-        listener.protocol.as_str()
-    );
+    match listener.mode {
+        // The protocol is told per connection, from its first bytes.
+        Mode::Transparent => println!("listener: {} (transparent)", listener.name),
+        mode => println!(
+            "listener: {} ({}, {})",
+            listener.name,
+            mode.as_str(),
+            listener.protocol.as_str()
+        ),
+    }
     println!("transport: {}", transport.as_str());
     println!("rule: {}", decision.rule_name(&listener.policy));
     println!("action: {}", decision.label().as_str());
@@ -276,8 +290,43 @@ fn effect(
             "sent on in plaintext (a narrowed, counted exception)".into()
         }
         (Mode::Originate, _, Action::Allow, Transport::Tls) => "relayed as is (already TLS)".into(),
+        (Mode::Transparent, _, Action::Reject, Transport::Tls) => {
+            "connection closed before a byte reaches the destination".into()
+        }
+        (Mode::Transparent, _, _, Transport::Tls) => {
+            "the app's own TLS relayed untouched to the original destination (never decrypted)"
+                .into()
+        }
+        (Mode::Transparent, _, Action::Reject, Transport::Plaintext) => {
+            "HTTP/1.x: 403 Forbidden naming the rule; other plaintext: connection closed, 0 bytes \
+             reach the destination"
+                .into()
+        }
+        (Mode::Transparent, _, Action::Allow, Transport::Plaintext) if !audited => {
+            "forwarded as is to the original destination (a narrowed, counted plaintext exception)"
+                .into()
+        }
+        (Mode::Transparent, _, _, Transport::Plaintext) => {
+            "HTTP/1.x: each request sent over verified TLS to its Host at the original destination \
+             address (port 80 becomes 443); other plaintext: connection closed, 0 bytes reach the \
+             destination"
+                .into()
+        }
     };
     format!("{text}{audit}")
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`.
+fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) => Ok((addr.ip(), Some(addr.port()))),
+        Err(_) => Err(format!(
+            "`{text}` is not IP or IP:PORT (such as 203.0.113.7:6379 or [2001:db8::7]:443)"
+        )),
+    }
 }
 
 fn run(arg: &ConfigArg) -> ExitCode {

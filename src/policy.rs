@@ -58,6 +58,10 @@ pub enum Mode {
     Terminate,
     /// The local app speaks plaintext to ciphergate, which sends it on with TLS.
     Originate,
+    /// The app's connections, redirected here by `[capture]`, each to its original
+    /// destination: the app's own TLS relayed untouched, plaintext HTTP upgraded to TLS, other
+    /// plaintext refused.
+    Transparent,
 }
 
 impl Mode {
@@ -65,7 +69,14 @@ impl Mode {
         match self {
             Mode::Terminate => "terminate",
             Mode::Originate => "originate",
+            Mode::Transparent => "transparent",
         }
+    }
+
+    /// Whether traffic here comes from the local app and leaves the host: originate and
+    /// transparent listeners.
+    pub fn is_outbound(self) -> bool {
+        matches!(self, Mode::Originate | Mode::Transparent)
     }
 }
 
@@ -144,6 +155,8 @@ pub struct Rule {
     pub source: Vec<IpNet>,
     pub server_name: Vec<NamePattern>,
     pub destination: Vec<IpNet>,
+    /// Original destination ports (transparent listeners) or the upstream's port.
+    pub destination_port: Vec<u16>,
     /// Normalised, without a trailing slash (except the root itself).
     pub path_prefix: Vec<String>,
     pub client_verified: Option<bool>,
@@ -175,6 +188,13 @@ impl Rule {
                 .destination
                 .map(|ip| ip.to_canonical())
                 .is_some_and(|ip| self.destination.iter().any(|net| net.contains(&ip)))
+        {
+            return false;
+        }
+        if !self.destination_port.is_empty()
+            && !facts
+                .destination_port
+                .is_some_and(|port| self.destination_port.contains(&port))
         {
             return false;
         }
@@ -246,8 +266,10 @@ pub struct Facts<'a> {
     pub server_name: Option<&'a str>,
     /// The normalised request path (http only), see [`normalize_path`].
     pub path: Option<&'a str>,
-    /// The resolved upstream address (originate only).
+    /// The resolved upstream address (originate), or the original destination (transparent).
     pub destination: Option<IpAddr>,
+    /// The upstream's port (originate), or the original destination's (transparent).
+    pub destination_port: Option<u16>,
     /// Whether the client presented a certificate that verified.
     pub client_verified: bool,
 }
@@ -276,6 +298,30 @@ impl Decision {
             self.action.into()
         }
     }
+
+    /// How the local app's plaintext leaves the host (originate and transparent listeners):
+    /// in plaintext only for an explicit, narrowed `allow`. Under `audit` a rejection is let
+    /// through over TLS, never in plaintext: audit must not open a plaintext path that
+    /// enforcement would not.
+    pub fn outbound(&self) -> Outbound {
+        match self.action {
+            Action::Reject => Outbound::Refuse,
+            Action::Allow if self.audited => Outbound::Tls,
+            Action::Allow => Outbound::Plaintext,
+            Action::Upgrade => Outbound::Tls,
+        }
+    }
+}
+
+/// Which way the local app's plaintext goes, by [`Decision::outbound`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Sent on with verified TLS.
+    Tls,
+    /// Sent on as it is: a counted, narrowed plaintext exception.
+    Plaintext,
+    /// Refused.
+    Refuse,
 }
 
 /// First matching rule wins; otherwise TLS is allowed, plaintext is rejected on `terminate`
@@ -332,7 +378,7 @@ pub fn default_action(mode: Mode, transport: Transport) -> Action {
     match (mode, transport) {
         (_, Transport::Tls) => Action::Allow,
         (Mode::Terminate, Transport::Plaintext) => Action::Reject,
-        (Mode::Originate, Transport::Plaintext) => Action::Upgrade,
+        (Mode::Originate | Mode::Transparent, Transport::Plaintext) => Action::Upgrade,
     }
 }
 
@@ -479,6 +525,7 @@ mod tests {
             source: vec![],
             server_name: vec![],
             destination: vec![],
+            destination_port: vec![],
             path_prefix: vec![],
             client_verified: None,
             action,
@@ -500,6 +547,7 @@ mod tests {
             server_name: None,
             path: None,
             destination: None,
+            destination_port: None,
             client_verified: false,
         }
     }
