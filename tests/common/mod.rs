@@ -909,3 +909,32 @@ impl<'a> TlsUpstream<'a> {
         (addr, seen)
     }
 }
+
+/// Whether this test may do what only root can (network namespaces, nftables, running the
+/// proxy as another uid). When not root it says so on stderr and the test returns early,
+/// unless `CIPHERGATE_REQUIRE_ROOT_TESTS=1` (CI sets it, and runs as root): then a skip is a
+/// failure, so CI cannot pass without running these tests.
+pub fn can_run_as_root(test: &str) -> bool {
+    if effective_uid_is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CIPHERGATE_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
+        "{test} needs root, and CIPHERGATE_REQUIRE_ROOT_TESTS=1 says it must not be skipped"
+    );
+    eprintln!("SKIPPED {test}: needs root (network namespaces and nftables)");
+    false
+}
+
+/// The effective uid is 0 (read from /proc, so the tests need no `unsafe`).
+fn effective_uid_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
