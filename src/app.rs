@@ -2,7 +2,7 @@
 //! drain on SIGTERM/SIGINT.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use crate::admin::{self, Readiness};
 use crate::config::{self, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
+use crate::policy::Mode;
 use crate::socket::ListeningSocket;
 use crate::sys;
 use crate::workers::Workers;
@@ -51,6 +52,9 @@ struct ListenerHandle {
     /// Stops this accept loop alone (on reload) or with everything (on drain).
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// A transparent listener's socket on the other loopback family, with its accept loop:
+    /// a redirect lands on the loopback address of the connection's own family.
+    twin: Option<(Arc<ListeningSocket>, JoinHandle<()>)>,
 }
 
 /// A running proxy.
@@ -164,16 +168,34 @@ impl Proxy {
         defer_accept(&socket, &mut state);
         let stop = self.shutdown.child_token();
         let name = state.name.clone();
+        let mode = state.mode;
         let bind = state.bind;
         let state = Arc::new(ArcSwap::from_pointee(state));
-        let task = tokio::spawn(listener::accept_loop(
-            socket.clone(),
-            state.clone(),
-            stop.clone(),
-            self.connections.clone(),
-            self.workers.clone(),
-        ));
+        let accept = |socket: &Arc<ListeningSocket>| {
+            tokio::spawn(listener::accept_loop(
+                socket.clone(),
+                state.clone(),
+                stop.clone(),
+                self.connections.clone(),
+                self.workers.clone(),
+            ))
+        };
+        let task = accept(&socket);
         info!(listener = %name, bind = %socket.local_addr(), "listening");
+        let twin = (mode == Mode::Transparent)
+            .then(|| twin_loopback(socket.local_addr()))
+            .and_then(|addr| match ListeningSocket::bind(addr) {
+                Ok(twin) => {
+                    let twin = Arc::new(twin);
+                    info!(listener = %name, bind = %twin.local_addr(), "listening");
+                    Some((twin.clone(), accept(&twin)))
+                }
+                Err(e) => {
+                    // An IPv4-only pod has no ::1; its connections are all IPv4 anyway.
+                    warn!(listener = %name, bind = %addr, error = %e, "not listening on the other loopback family");
+                    None
+                }
+            });
         self.listeners.push(ListenerHandle {
             name,
             bind,
@@ -181,6 +203,7 @@ impl Proxy {
             socket,
             stop,
             task,
+            twin,
         });
     }
 
@@ -242,6 +265,9 @@ impl Proxy {
         self.shutdown.cancel();
         for h in self.listeners {
             let _ = h.task.await;
+            if let Some((_, task)) = h.twin {
+                let _ = task.await;
+            }
         }
         // Logged once the listening sockets are closed: from here no new connection is taken.
         info!("draining");
@@ -349,6 +375,15 @@ fn defer_accept(socket: &ListeningSocket, state: &mut ListenerState) {
     }
     // What the kernel does, whatever was asked: a failed change leaves the old wait in place.
     state.accept_deferred = sys::defer_accept(socket).is_ok_and(|w| !w.is_zero());
+}
+
+/// The same port on the loopback address of the other family.
+fn twin_loopback(addr: SocketAddr) -> SocketAddr {
+    let ip: IpAddr = match addr.ip() {
+        IpAddr::V4(_) => Ipv6Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv4Addr::LOCALHOST.into(),
+    };
+    SocketAddr::new(ip, addr.port())
 }
 
 fn bind(name: &str, addr: SocketAddr) -> Result<ListeningSocket, AppError> {

@@ -70,9 +70,61 @@ pub fn may_become_client_hello(bytes: &[u8]) -> bool {
     })
 }
 
+/// What the first bytes of a connection from the local app are, for a transparent listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// Too few bytes yet to tell.
+    NeedMore,
+    /// A TLS handshake record.
+    Tls,
+    /// An HTTP/1.x request line: a method token and a space.
+    Http,
+    /// Anything else.
+    Other,
+}
+
+/// The longest method an HTTP/1.x request line is recognised by.
+const MAX_METHOD: usize = 20;
+
+/// Tells TLS, HTTP/1.x and other plaintext apart by the first bytes. HTTP/2's prior-knowledge
+/// preface (`PRI * HTTP/2.0`) is not HTTP/1.x.
+pub fn sniff(bytes: &[u8]) -> Sniffed {
+    match bytes.first() {
+        None => return Sniffed::NeedMore,
+        Some(&HANDSHAKE_RECORD) => return Sniffed::Tls,
+        Some(_) => {}
+    }
+    let method_len = bytes
+        .iter()
+        .take(MAX_METHOD + 1)
+        .position(|b| !(b.is_ascii_uppercase() || *b == b'-'));
+    match method_len {
+        Some(0) => Sniffed::Other,
+        Some(n) if bytes[n] == b' ' && &bytes[..n] != b"PRI" => Sniffed::Http,
+        Some(_) => Sniffed::Other,
+        None if bytes.len() <= MAX_METHOD => Sniffed::NeedMore,
+        None => Sniffed::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_bytes_are_sniffed() {
+        assert_eq!(sniff(b""), Sniffed::NeedMore);
+        assert_eq!(sniff(b"GE"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http);
+        assert_eq!(sniff(b"M-SEARCH * HTTP/1.1"), Sniffed::Http);
+        assert_eq!(sniff(&[0x16, 0x03, 0x01]), Sniffed::Tls);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"*1\r\n$4\r\nPING\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"get / HTTP/1.1"), Sniffed::Other);
+        assert_eq!(sniff(b"GET\t/"), Sniffed::Other);
+        assert_eq!(sniff(&[b'A'; 30]), Sniffed::Other);
+        assert_eq!(sniff(b"\0\0\0\x08\x04\xd2\x16\x2f"), Sniffed::Other);
+    }
 
     #[test]
     fn client_hello_prefixes() {

@@ -17,7 +17,9 @@
 //! decision: what the policy approved is where the bytes go.
 
 use std::borrow::Cow;
+use std::convert::Infallible;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,18 +30,24 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
 use crate::boxed;
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Settings};
+use crate::conn::Conn;
+use crate::conn::Held;
 use crate::forward::ForwardProxy;
 use crate::io::IdleClock;
-use crate::listener::Held;
+use crate::listener::{MAX_H2_STREAMS, MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS};
 use crate::metrics::{ListenerMetrics, UpstreamFailure};
 use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::pool::{LocalPool, Sticky};
+use crate::transparent::{Kept, Original, Target, TransparentRoute};
 use crate::upstream::{Connector, Security, Upstream};
 use crate::workers::PerWorker;
 
@@ -154,6 +162,8 @@ pub enum Route {
     },
     /// An originate listener without an upstream: a forward proxy for `HTTP_PROXY`.
     Forward(ForwardProxy),
+    /// A transparent listener: each request to its connection's original destination.
+    Transparent(TransparentRoute),
 }
 
 impl Route {
@@ -167,13 +177,15 @@ impl Route {
             } => std::iter::once(tls)
                 .chain(plaintext_exception.as_deref())
                 .collect(),
-            Route::Forward(_) => Vec::new(),
+            Route::Forward(_) | Route::Transparent(_) => Vec::new(),
         }
     }
 }
 
 /// The per-listener HTTP state, built once per config and shared by its connections.
 pub struct HttpProxy {
+    /// The HTTP/1.1 and HTTP/2 server settings its connections are served with.
+    pub server: auto::Builder<StreamExecutor>,
     pub policy: ListenerPolicy,
     pub metrics: ListenerMetrics,
     pub route: Route,
@@ -190,6 +202,7 @@ impl HttpProxy {
         metrics: ListenerMetrics,
     ) -> Self {
         HttpProxy {
+            server: http_server(&config.settings),
             policy: config.policy.clone(),
             metrics,
             route,
@@ -211,6 +224,7 @@ impl HttpProxy {
         match self.route {
             Route::Terminate(_) => Mode::Terminate,
             Route::Originate { .. } | Route::Forward(_) => Mode::Originate,
+            Route::Transparent(_) => Mode::Transparent,
         }
     }
 
@@ -237,6 +251,8 @@ pub struct ConnInfo {
     pub tasks: TaskTracker,
     /// The upstream connection this client connection keeps to the app beside it.
     pub sticky: Option<Sticky>,
+    /// Where a transparent listener's connection was headed.
+    pub original: Option<Original>,
 }
 
 /// Decides and answers one request. Every response is counted by class.
@@ -261,6 +277,9 @@ pub async fn handle(
             .await
         }
         Route::Forward(forward) => boxed(crate::forward::handle(proxy, forward, conn, req)).await,
+        Route::Transparent(route) => {
+            boxed(crate::transparent::handle(proxy, route, conn, req)).await
+        }
     };
     if conn.transport == Transport::Tls
         && proxy.mode() == Mode::Terminate
@@ -436,7 +455,7 @@ pub fn forbidden_by_rule(proxy: &HttpProxy, decision: &Decision) -> Response<Pro
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
+pub fn request_host(req: &Request<Incoming>) -> Option<&str> {
     req.uri()
         .authority()
         .map(Authority::as_str)
@@ -499,6 +518,9 @@ pub enum Via<'a> {
     Pinned(&'a Upstream, Vec<SocketAddr>),
     /// The client connection's own connection to the app beside it.
     Local(&'a LocalPool, &'a Sticky),
+    /// The connection a transparent listener's client connection keeps to where it was
+    /// headed.
+    Kept(&'a Kept, &'a Target),
 }
 
 /// Sends the request on and streams the answer back. The upstream sees the normalised path the
@@ -610,6 +632,7 @@ pub async fn forward(
             .map_err(|e| Box::new(e) as BoxError),
         Via::Pinned(upstream, addrs) => boxed(send_pinned(upstream, &addrs, req)).await,
         Via::Local(pool, sticky) => pool.send(sticky, req).await,
+        Via::Kept(kept, target) => kept.send(target, req).await,
     };
     let mut response = match sent {
         Ok(response) => response,
@@ -841,6 +864,99 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     ]
     .contains(name)
         || ["keep-alive", "proxy-connection", "http2-settings"].contains(&name.as_str())
+}
+
+/// Runs each HTTP/2 stream as a task of its own, boxed first: a stream's future holds the whole
+/// request handling, and a task stores its future inline, so spawning it unboxed copies
+/// kilobytes into the task, and again when the task finishes. Measured with h2load (8
+/// connections × 10 streams, alternating runs): 11.7 -> 11.1 us of proxy CPU per request.
+#[derive(Clone, Copy)]
+pub struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        tokio::spawn(Box::pin(stream));
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 server every connection of a listener is served with.
+fn http_server(settings: &Settings) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_REQUEST_HEADERS)
+        .keep_alive(true)
+        .writev(false);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .adaptive_window(true);
+    builder
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on a connection until it ends, goes idle, or the drain is over.
+pub async fn serve<I>(conn: &Conn, io: I, info: ConnInfo)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let service_state = conn.state.clone();
+    let service = service_fn(move |req| {
+        let state = service_state.clone();
+        let info = info.clone();
+        async move {
+            let proxy = state
+                .http
+                .as_ref()
+                .expect("http listeners have an http proxy");
+            Ok::<_, Infallible>(crate::http::handle(proxy, &info, req).await)
+        }
+    });
+    let http = conn
+        .state
+        .http
+        .as_ref()
+        .expect("http listeners have an http proxy")
+        .server
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(http);
+    let idle = conn.state.settings.idle_timeout;
+    tokio::select! {
+        result = http.as_mut() => return count_protocol_error(&conn.state.metrics, result),
+        _ = conn.clock.expired(idle) => return,
+        _ = conn.shutdown.cancelled() => http.as_mut().graceful_shutdown(),
+    }
+    // Draining: finish what is in flight; the app stops waiting at `drain_timeout`.
+    tokio::select! {
+        result = http.as_mut() => count_protocol_error(&conn.state.metrics, result),
+        _ = conn.clock.expired(idle) => {}
+    }
+}
+
+/// Counts the response hyper itself writes when a request head does not parse: 431 for an
+/// oversized head, 400 otherwise.
+fn count_protocol_error(
+    metrics: &ListenerMetrics,
+    result: Result<(), Box<dyn std::error::Error + Send + Sync>>,
+) {
+    let Err(error) = result else { return };
+    let Some(error) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    if error.is_parse_too_large() {
+        metrics.response(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    } else if error.is_parse() && !error.is_parse_version_h2() {
+        metrics.response(http::StatusCode::BAD_REQUEST);
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod detect;
 pub mod forward;
@@ -46,6 +47,7 @@ pub mod relay;
 pub mod socket;
 pub mod sys;
 pub mod tls;
+pub mod transparent;
 pub mod upstream;
 pub mod workers;
 

@@ -16,17 +16,12 @@
 //!
 //! Nothing here logs: a connection's fate is visible only in counters.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -35,14 +30,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, Protocol, Settings, UpstreamAddr};
+use crate::conn::{Conn, Held};
 use crate::detect::{Detected, detect, detect_now};
 use crate::forward::ForwardProxy;
-use crate::http::{ConnInfo, HttpProxy, HttpUpstream, Route, decide_originate};
+use crate::http::{HttpProxy, HttpUpstream, Route, decide_originate};
 use crate::io::{IdleClock, Metered};
-use crate::metrics::{ActiveGuard, HandshakeOutcome, Leg, ListenerMetrics, Metrics};
+use crate::metrics::{HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::socket::ListeningSocket;
 use crate::tls::stream::{ServerStream, read_client_hello};
+use crate::transparent::TransparentRoute;
 use crate::upstream::{DynamicConnector, Security, Upstream};
 use crate::workers::Workers;
 use crate::{BoxFuture, boxed};
@@ -80,9 +77,8 @@ pub struct ListenerState {
     pub metrics: ListenerMetrics,
     /// Terminate listeners only.
     pub tls: Option<Arc<ServerConfig>>,
-    /// Http listeners only.
+    /// Http and transparent listeners.
     pub http: Option<HttpProxy>,
-    http_server: auto::Builder<StreamExecutor>,
     /// Tcp listeners only.
     tcp: Option<TcpTargets>,
     /// `max_connections`, shared with the listener's earlier and later states.
@@ -199,6 +195,20 @@ impl ListenerState {
         };
 
         let (http, tcp) = match (config.protocol, legs) {
+            _ if config.mode == Mode::Transparent => {
+                let tls = crate::tls::client::client_config(config, config.upstream_tls.as_ref())
+                    .map_err(|reason| crate::tls::client::ClientTlsError::Build {
+                    listener: config.name.clone(),
+                    reason,
+                })?;
+                let route = Route::Transparent(TransparentRoute {
+                    tls,
+                    timeout,
+                    metrics: listener_metrics.clone(),
+                });
+                let proxy = HttpProxy::new(config, bound_port, route, listener_metrics.clone());
+                (Some(proxy), None)
+            }
             (Protocol::Http, legs) => {
                 let route = match (config.mode, legs) {
                     (Mode::Terminate, Some((upstream, _))) => Route::Terminate(leg(upstream)),
@@ -252,7 +262,6 @@ impl ListenerState {
             metrics: listener_metrics,
             tls,
             http,
-            http_server: http_server(&config.settings),
             tcp,
             limit,
             accept_deferred: false,
@@ -272,42 +281,6 @@ impl ListenerState {
             Duration::ZERO
         }
     }
-}
-
-/// Runs each HTTP/2 stream as a task of its own, boxed first: a stream's future holds the whole
-/// request handling, and a task stores its future inline, so spawning it unboxed copies
-/// kilobytes into the task, and again when the task finishes. Measured with h2load (8
-/// connections × 10 streams, alternating runs): 11.7 -> 11.1 us of proxy CPU per request.
-#[derive(Clone, Copy)]
-pub struct StreamExecutor;
-
-impl<F> hyper::rt::Executor<F> for StreamExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, stream: F) {
-        tokio::spawn(Box::pin(stream));
-    }
-}
-
-fn http_server(settings: &Settings) -> auto::Builder<StreamExecutor> {
-    let mut builder = auto::Builder::new(StreamExecutor);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(MAX_REQUEST_HEAD)
-        .max_headers(MAX_REQUEST_HEADERS)
-        .keep_alive(true)
-        .writev(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_H2_STREAMS)
-        .max_header_list_size(MAX_REQUEST_HEAD as u32)
-        .adaptive_window(true);
-    builder
 }
 
 /// Accepts until `shutdown`, then lets go of the socket; it closes, refusing new connections,
@@ -338,49 +311,12 @@ pub async fn accept_loop(
             drop(stream);
             continue;
         };
-        let held = Arc::new(Held {
-            _active: state.metrics.active_guard(),
-            _permit: permit,
-        });
+        let held = Held::new(permit, state.metrics.active_guard());
         let tasks = connections.clone();
         workers.spawn(
             &connections,
             connection(state, stream, peer, held, shutdown.clone(), tasks),
         );
-    }
-}
-
-/// What keeps a connection accounted for: its `max_connections` permit and its place in
-/// `ciphergate_connections_active`. Released when the connection, and any tunnel it was
-/// upgraded into, has ended.
-pub struct Held {
-    _permit: Permit,
-    _active: ActiveGuard,
-}
-
-/// Per-connection context shared by the paths below.
-struct Conn {
-    state: Arc<ListenerState>,
-    source: IpAddr,
-    held: Arc<Held>,
-    clock: Arc<IdleClock>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-}
-
-impl Conn {
-    fn info(&self, transport: Transport, sni: Option<Box<str>>, client_verified: bool) -> ConnInfo {
-        ConnInfo {
-            transport,
-            source: self.source,
-            sni,
-            client_verified,
-            held: self.held.clone(),
-            clock: self.clock.clone(),
-            idle_timeout: self.state.settings.idle_timeout,
-            tasks: self.tasks.clone(),
-            sticky: self.state.http.as_ref().and_then(HttpProxy::sticky),
-        }
     }
 }
 
@@ -394,6 +330,10 @@ async fn connection(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    if state.mode == Mode::Transparent {
+        let serve = crate::transparent::serve(state, stream, peer, held, shutdown, tasks);
+        return boxed(serve).await;
+    }
     let mut deadline = Instant::now() + state.settings.handshake_timeout;
     // Originate listeners carry the local app's bytes as plaintext (detection would stall
     // protocols where the server speaks first); terminate listeners look at the first byte.
@@ -455,10 +395,10 @@ fn serve(
         (_, _) => {
             conn.state.metrics.connection(Transport::Plaintext);
             match conn.state.protocol {
-                Protocol::Http => boxed(serve_http(
+                Protocol::Http => boxed(crate::http::serve(
                     conn,
                     io,
-                    conn.info(Transport::Plaintext, None, false),
+                    conn.info(Transport::Plaintext, None, false, None),
                 )),
                 Protocol::Tcp => boxed(async move {
                     if let Some((upstream, addrs)) =
@@ -572,8 +512,8 @@ async fn after_handshake(conn: &Conn, tls: Established) {
             if !until_first_request(conn, &stream).await {
                 return;
             }
-            let info = conn.info(Transport::Tls, sni, client_verified);
-            boxed(serve_http(conn, stream, info)).await
+            let info = conn.info(Transport::Tls, sni, client_verified, None);
+            boxed(crate::http::serve(conn, stream, info)).await
         }
         Protocol::Tcp => {
             let target = match early {
@@ -677,57 +617,4 @@ where
         conn.state.settings.idle_timeout,
     )
     .await
-}
-
-/// Serves HTTP/1.1 or HTTP/2 on a connection until it ends, goes idle, or the drain is over.
-async fn serve_http<I>(conn: &Conn, io: I, info: ConnInfo)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let info = Arc::new(info);
-    let service_state = conn.state.clone();
-    let service = service_fn(move |req| {
-        let state = service_state.clone();
-        let info = info.clone();
-        async move {
-            let proxy = state
-                .http
-                .as_ref()
-                .expect("http listeners have an http proxy");
-            Ok::<_, Infallible>(crate::http::handle(proxy, &info, req).await)
-        }
-    });
-    let http = conn
-        .state
-        .http_server
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(http);
-    let idle = conn.state.settings.idle_timeout;
-    tokio::select! {
-        result = http.as_mut() => return count_protocol_error(&conn.state.metrics, result),
-        _ = conn.clock.expired(idle) => return,
-        _ = conn.shutdown.cancelled() => http.as_mut().graceful_shutdown(),
-    }
-    // Draining: finish what is in flight; the app stops waiting at `drain_timeout`.
-    tokio::select! {
-        result = http.as_mut() => count_protocol_error(&conn.state.metrics, result),
-        _ = conn.clock.expired(idle) => {}
-    }
-}
-
-/// Counts the response hyper itself writes when a request head does not parse: 431 for an
-/// oversized head, 400 otherwise.
-fn count_protocol_error(
-    metrics: &ListenerMetrics,
-    result: Result<(), Box<dyn std::error::Error + Send + Sync>>,
-) {
-    let Err(error) = result else { return };
-    let Some(error) = error.downcast_ref::<hyper::Error>() else {
-        return;
-    };
-    if error.is_parse_too_large() {
-        metrics.response(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-    } else if error.is_parse() && !error.is_parse_version_h2() {
-        metrics.response(http::StatusCode::BAD_REQUEST);
-    }
 }

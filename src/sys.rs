@@ -1,12 +1,14 @@
-//! `TCP_DEFER_ACCEPT`, the socket option no dependency sets.
+//! Socket options no dependency sets: `TCP_DEFER_ACCEPT`, and `SO_ORIGINAL_DST`, the address a
+//! connection was sent to before netfilter redirected it.
 //!
-//! Two calls into the C library, each with a value that lives across the call and its exact
-//! size. With the listener's registration in [`crate::socket`], this is all the crate's
-//! `unsafe` code.
+//! Calls into the C library, each with a value that lives across the call and its exact size.
+//! With the listener's registration in [`crate::socket`], this is all the crate's `unsafe`
+//! code.
 
 #![allow(unsafe_code)]
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -23,10 +25,66 @@ pub fn defer_accept(socket: &impl AsFd) -> io::Result<Duration> {
     imp::defer_accept(socket).map(|secs| Duration::from_secs(secs.into()))
 }
 
+/// Where a connection that netfilter redirected (`[capture]`) was headed: its original
+/// destination, read from conntrack. `v6` says the connection's family. A connection that was
+/// not redirected reports its own local address (or an error, without conntrack).
+pub fn original_destination(socket: &impl AsFd, v6: bool) -> io::Result<SocketAddr> {
+    imp::original_destination(socket, v6)
+}
+
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod imp {
     use std::io;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::{AsFd, AsRawFd};
+
+    /// `getsockopt` into a zeroed `T`; `T` is a C struct the kernel fills in.
+    fn get<T: Copy>(
+        socket: &impl AsFd,
+        level: libc::c_int,
+        name: libc::c_int,
+        mut value: T,
+    ) -> io::Result<T> {
+        let mut len = size_of::<T>() as libc::socklen_t;
+        // SAFETY: the descriptor is borrowed, so open for the call; `value` is a live `T` and
+        // `len` its size: the kernel writes at most `len` bytes into it.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_fd().as_raw_fd(),
+                level,
+                name,
+                (&raw mut value).cast(),
+                &raw mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    pub fn original_destination(socket: &impl AsFd, v6: bool) -> io::Result<SocketAddr> {
+        if v6 {
+            // SAFETY: sockaddr_in6 is plain data, valid when zeroed.
+            let zero: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            let a = get(socket, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST, zero)?;
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                0,
+                a.sin6_scope_id,
+            )))
+        } else {
+            // SAFETY: sockaddr_in is plain data, valid when zeroed.
+            let zero: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            let a = get(socket, libc::SOL_IP, libc::SO_ORIGINAL_DST, zero)?;
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+    }
 
     const LEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
 
@@ -75,7 +133,12 @@ mod imp {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 mod imp {
     use std::io;
+    use std::net::SocketAddr;
     use std::os::fd::AsFd;
+
+    pub fn original_destination(_: &impl AsFd, _: bool) -> io::Result<SocketAddr> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 
     pub fn set_defer_accept(_: &impl AsFd, _: u32) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())

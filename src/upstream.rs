@@ -191,6 +191,14 @@ pub enum UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// ciphergate's end of the connection.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            UpstreamStream::Plain(s) => s.local_addr(),
+            UpstreamStream::Tls(tls) => tls.get_ref().0.local_addr(),
+        }
+    }
+
     pub fn negotiated_h2(&self) -> bool {
         match self {
             UpstreamStream::Plain(_) => false,

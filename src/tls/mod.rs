@@ -4,6 +4,7 @@
 //!   client authentication, version floor, session tickets).
 //! - [`client`] builds the `ClientConfig` for re-originated TLS (roots, version floor, ALPN,
 //!   client certificates). There is no code path that skips certificate verification.
+//! - [`hello`] reads a ClientHello that is relayed, not terminated (transparent listeners).
 //! - [`pem`] loads certificates and keys from PEM files.
 //! - [`stream`] runs a terminate listener's handshake and carries its traffic.
 //! - [`hkdf`] gives TLS 1.3's key schedule HMAC keys that are prepared once per secret.
@@ -18,6 +19,7 @@ use rustls::{NamedGroup, ProtocolVersion};
 use crate::metrics::{KxGroup, TlsVersion};
 
 pub mod client;
+pub mod hello;
 mod hkdf;
 pub mod pem;
 pub mod server;
