@@ -405,6 +405,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for warning in &config.warnings {
         warn!(warning = %warning, "config warning");
     }
+    if let Some(capture) = config.capture.as_ref().filter(|c| c.outbound.is_some())
+        && sys::effective_uid() != capture.proxy_uid
+    {
+        warn!(
+            proxy_uid = capture.proxy_uid,
+            uid = sys::effective_uid(),
+            "capture.proxy_uid is not the uid ciphergate runs as: the capture rules will send its \
+             own outbound connections back to it, and they will be refused"
+        );
+    }
     info!(listeners = proxy.listeners.len(), "ciphergate ready");
 
     let every = config.log.counters_every;

@@ -760,6 +760,7 @@ impl Ctx<'_> {
             None => None,
         };
         let mut inbound = Vec::new();
+        let mut seen_ports = Vec::new();
         for mut it in self.tables(&mut t, "inbound") {
             let port = self.required::<u16>(&mut it, "port");
             let name = self.required::<String>(&mut it, "listener");
@@ -768,7 +769,7 @@ impl Ctx<'_> {
                 self.error(value, &it.key("port"), "must be a port from 1 to 65535");
             }
             if let Some(port) = port
-                && inbound.iter().any(|i: &InboundCapture| i.port == port)
+                && seen_ports.contains(&port)
             {
                 let value = it.dict.get("port");
                 self.error(
@@ -777,6 +778,7 @@ impl Ctx<'_> {
                     format!("port {port} is captured twice"),
                 );
             }
+            seen_ports.extend(port);
             if let (Some(port), Some(name)) = (port.filter(|p| *p != 0), name) {
                 let value = it.dict.get("listener");
                 let key = it.key("listener");

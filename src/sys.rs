@@ -32,6 +32,12 @@ pub fn original_destination(socket: &impl AsFd, v6: bool) -> io::Result<SocketAd
     imp::original_destination(socket, v6)
 }
 
+/// The uid this process acts as.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod imp {
     use std::io;

@@ -723,3 +723,116 @@ async fn max_connections_holds_across_reloads() {
     );
     drop(held);
 }
+
+#[test]
+fn check_catches_capture_and_transparent_mistakes_with_key_paths() {
+    let ws = Workspace::new();
+    let config = format!(
+        r#"[capture]
+outbound_listener = "ingress"
+inbound = [{{ port = 8080, listener = "egress-all" }}, {{ port = 9090, listener = "local-ingress" }}, {{ port = 8080, listener = "nope" }}]
+exclude_ports = [0]
+colour = "blue"
+
+[[listener]]
+name = "local-ingress"
+bind = "127.0.0.1:8443"
+upstream = "127.0.0.1:8080"
+{certs}
+[[listener]]
+name = "ingress"
+bind = "0.0.0.0:9443"
+upstream = "127.0.0.1:8080"
+{certs}
+[[listener]]
+name = "egress-all"
+bind = "10.0.0.1:15001"
+mode = "transparent"
+upstream = "api.example.com:443"
+protocol = "tcp"
+
+[[rule]]
+name = "any-redis"
+listeners = ["egress-all"]
+transport = "plaintext"
+source = ["127.0.0.1/32"]
+action = "allow"
+
+[[rule]]
+name = "port-on-ingress"
+listeners = ["ingress"]
+destination_port = [5432]
+action = "reject"
+"#,
+        certs = ws.certs_table(),
+    );
+    let path = ws.config(&config);
+    let (code, _, err) = run(&mut cg(&["check", "-c", path.to_str().unwrap()]));
+    assert_eq!(code, 2, "{err}");
+    for expected in [
+        "listener[2].upstream: a transparent listener sends each connection to its original destination",
+        "listener[2].protocol: a transparent listener tells HTTP from other traffic",
+        "listener[2].bind: a transparent listener takes the connections [capture] redirects to it",
+        "rule[0].action: a plaintext `allow` on transparent listener `egress-all` must be narrowed",
+        "rule[1].destination_port: matches only on originate and transparent listeners",
+        "capture.outbound_listener: listener `ingress` is terminate; this must name a transparent listener",
+        "capture.inbound[0].listener: listener `egress-all` is transparent; this must name a terminate listener",
+        "capture.inbound[1].listener: listener `local-ingress` does not bind the unspecified address",
+        "capture.inbound[2].port: port 8080 is captured twice",
+        "capture.inbound[2].listener: no listener is named `nope` (listeners: local-ingress, ingress, egress-all)",
+        "capture.exclude_ports: ports run from 1 to 65535",
+        "capture.colour: unknown key",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+}
+
+#[test]
+fn explain_decides_a_transparent_listener_by_original_destination() {
+    let ws = Workspace::new();
+    let config = ws.config(
+        r#"[[listener]]
+name = "egress-all"
+bind = "127.0.0.1:15001"
+mode = "transparent"
+
+[[rule]]
+name = "redis"
+listeners = ["egress-all"]
+transport = "plaintext"
+destination = ["203.0.113.0/24"]
+destination_port = [6379]
+action = "allow"
+"#,
+    );
+    let config = config.to_str().unwrap();
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "-c", config, "--listener", "egress-all"];
+        all.extend_from_slice(args);
+        run(&mut cg(&all))
+    };
+    let (code, out, _) = explain(&["--plaintext", "--destination", "203.0.113.7:6379"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("listener: egress-all (transparent)\n"),
+        "{out}"
+    );
+    assert!(out.contains("rule: redis\naction: allow\n"), "{out}");
+    assert!(
+        out.contains("forwarded as is to the original destination"),
+        "{out}"
+    );
+
+    let (_, out, _) = explain(&["--plaintext", "--destination", "203.0.113.7:6380"]);
+    assert!(out.contains("rule: default\naction: upgrade\n"), "{out}");
+    assert!(out.contains("port 80 becomes 443"), "{out}");
+    assert!(out.contains("other plaintext: connection closed"), "{out}");
+
+    let (_, out, _) = explain(&["--tls", "--destination", "[2001:db8::7]:443"]);
+    assert!(out.contains("rule: default\naction: allow\n"), "{out}");
+    assert!(out.contains("relayed untouched"), "{out}");
+
+    let (code, _, err) = explain(&["--destination", "203.0.113.7:port"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not IP or IP:PORT"), "{err}");
+}
