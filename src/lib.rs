@@ -22,7 +22,9 @@
 //!    the peer is kept, logged ([`logging`]) or exported ([`admin`]).
 //!
 //! [`config`] turns files into a validated [`config::Config`], reporting every error with its
-//! key path; [`app`] binds everything, reloads on SIGHUP and drains on SIGTERM.
+//! key path; [`app`] binds everything, reloads on SIGHUP and drains on SIGTERM. [`capture`]
+//! builds, from `[capture]`, the nftables rules that send every TCP connection of the pod to
+//! those listeners (`ciphergate capture install|remove|print`, run once before the proxy).
 
 // `unsafe` is allowed in two places only: the socket option in [`sys`], and registering a
 // listening socket with the reactor in [`socket`].
@@ -30,6 +32,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod certs;
 pub mod config;
 pub mod conn;

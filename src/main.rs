@@ -42,6 +42,10 @@ enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The nftables rules of `[capture]`, which send every TCP connection of the pod through
+    /// ciphergate (Linux; in the current network namespace; only the table `inet ciphergate`).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
     /// A self-contained demonstration on loopback; exits 0 when every step behaved.
     Demo,
 }
@@ -117,6 +121,18 @@ enum CertsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CaptureCommand {
+    /// Put the rules in place, replacing any earlier version in one transaction (idempotent).
+    /// Needs CAP_NET_ADMIN and the nft tool: run it in an init container.
+    Install(ConfigArg),
+    /// Delete the table `inet ciphergate`; succeeds when it is not there.
+    Remove(ConfigArg),
+    /// Write the rules `install` applies to stdout, as an `nft -f` script (for your own
+    /// tooling: `ciphergate capture print | nft -f -`). Needs no privilege and no nft.
+    Print(ConfigArg),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Every config is built with this provider explicitly; installing it as the process default
@@ -132,6 +148,7 @@ fn main() -> ExitCode {
             days,
             force,
         }) => certs_init(dir, names, days, force),
+        Command::Capture(command) => capture(&command),
         Command::Demo => demo(),
     }
 }
@@ -326,6 +343,42 @@ fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>), String> {
         Err(_) => Err(format!(
             "`{text}` is not IP or IP:PORT (such as 203.0.113.7:6379 or [2001:db8::7]:443)"
         )),
+    }
+}
+
+fn capture(command: &CaptureCommand) -> ExitCode {
+    use ciphergate::capture;
+    let (CaptureCommand::Install(arg) | CaptureCommand::Remove(arg) | CaptureCommand::Print(arg)) =
+        command;
+    let config = match load(arg) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(rules) = config.capture else {
+        eprintln!(
+            "error: {}: capture: missing: there is no [capture] table, so there are no rules to \
+             install, remove or print",
+            config.path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let result = match command {
+        CaptureCommand::Print(_) => {
+            print!("{}", capture::ruleset(&rules));
+            return ExitCode::SUCCESS;
+        }
+        CaptureCommand::Install(_) => capture::install(&rules).map(|()| "installed"),
+        CaptureCommand::Remove(_) => capture::remove().map(|()| "removed (if it was there)"),
+    };
+    match result {
+        Ok(done) => {
+            println!("nftables table {}: {done}", capture::TABLE);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
