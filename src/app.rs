@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{self, Config, fingerprint};
+use crate::config::{self, CaptureConfig, Config, fingerprint};
 use crate::listener::{self, BuildError, ConnectionLimit, ListenerState};
 use crate::metrics::{Metrics, ReloadOutcome};
 use crate::policy::Mode;
@@ -38,6 +38,12 @@ pub enum AppError {
     Signals(io::Error),
     #[error("cannot start the worker threads: {0}")]
     Workers(io::Error),
+    #[error(
+        "[capture] changed: the netfilter rules in place were installed from the running config, \
+         so a reload cannot apply it; run `ciphergate capture install` with the new config and \
+         restart (in Kubernetes: roll out new pods)"
+    )]
+    CaptureChanged,
 }
 
 /// One bound listener and the state its accept loop reads.
@@ -68,6 +74,9 @@ pub struct Proxy {
     workers: Arc<Workers>,
     admin_addr: SocketAddr,
     admin_task: JoinHandle<()>,
+    /// The `[capture]` the proxy started with: the rules installed in the namespace follow it,
+    /// so a reload must not change it.
+    capture: Option<CaptureConfig>,
 }
 
 impl Proxy {
@@ -96,6 +105,7 @@ impl Proxy {
             workers,
             admin_addr,
             admin_task,
+            capture: config.capture.clone(),
         };
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
@@ -210,6 +220,9 @@ impl Proxy {
     /// Applies a new config to new connections. Every new socket is bound and every listener
     /// state built before anything changes, so a failure leaves the running config whole.
     pub async fn reload(&mut self, config: &Config) -> Result<(), AppError> {
+        if config.capture != self.capture {
+            return Err(AppError::CaptureChanged);
+        }
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             sockets.push(match self.running(&l.name, l.bind) {

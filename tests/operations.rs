@@ -463,3 +463,51 @@ async fn a_reload_below_twice_the_accept_wait_stops_deferring_on_the_kept_socket
         "closed after {waited:?}"
     );
 }
+
+/// The netfilter rules follow the `[capture]` the proxy started with, so a reload that changes
+/// it is refused (and counted), while other changes still apply.
+#[tokio::test]
+async fn a_reload_that_changes_capture_is_refused() {
+    let ws = Workspace::new();
+    // A fixed port for the transparent listener: the capture rules name it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |exclude: &str, rule: &str| {
+        format!(
+            "{}[capture]\noutbound_listener = \"egress-all\"\nexclude_ports = [{exclude}]\n\n\
+             [[listener]]\nname = \"egress-all\"\nbind = \"127.0.0.1:{port}\"\nmode = \"transparent\"\n{rule}",
+            preamble("info")
+        )
+    };
+    let path = ws.config(&config("22", ""));
+    let proxy = ProxyProcess::start(&path);
+
+    std::fs::write(&path, config("22, 25", "")).unwrap();
+    assert!(!reload(&proxy), "a changed [capture] was applied");
+    let refusal = proxy
+        .logs()
+        .into_iter()
+        .rev()
+        .find(|l| l.contains("reload refused"))
+        .unwrap();
+    assert!(refusal.contains("[capture] changed"), "{refusal}");
+
+    let rule = "\n[[rule]]\nname = \"redis\"\ndestination_port = [6379]\ntransport = \"plaintext\"\naction = \"allow\"\n";
+    std::fs::write(&path, config("22", rule)).unwrap();
+    assert!(reload(&proxy), "a reload that kept [capture] was refused");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        m.get(
+            "ciphergate_config_reloads_total",
+            &[("outcome", "rejected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.get("ciphergate_config_reloads_total", &[("outcome", "ok")]),
+        1.0
+    );
+}
