@@ -39,11 +39,11 @@ pub enum AppError {
     #[error("cannot start the worker threads: {0}")]
     Workers(io::Error),
     #[error(
-        "[capture] changed: the netfilter rules in place were installed from the running config, \
-         so a reload cannot apply it; run `ciphergate capture install` with the new config and \
-         restart (in Kubernetes: roll out new pods)"
+        "{0}: the netfilter rules in place were installed from the running config, so a reload \
+         cannot apply that; run `ciphergate capture install` with the new config and restart \
+         (in Kubernetes: roll out new pods)"
     )]
-    CaptureChanged,
+    CaptureChanged(String),
 }
 
 /// One bound listener and the state its accept loop reads.
@@ -220,8 +220,10 @@ impl Proxy {
     /// Applies a new config to new connections. Every new socket is bound and every listener
     /// state built before anything changes, so a failure leaves the running config whole.
     pub async fn reload(&mut self, config: &Config) -> Result<(), AppError> {
-        if config.capture != self.capture {
-            return Err(AppError::CaptureChanged);
+        if let Some(change) =
+            CaptureConfig::difference(self.capture.as_ref(), config.capture.as_ref())
+        {
+            return Err(AppError::CaptureChanged(change));
         }
         let mut sockets = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {

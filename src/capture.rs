@@ -32,7 +32,8 @@
 //! - chain `inbound_guard` (filter, input; with `inbound`): a new TCP connection from outside
 //!   the pod is let in only when it was redirected to ciphergate or is for one of ciphergate's
 //!   own ports; anything else is reset, so an app port left out of `inbound` cannot be reached
-//!   around ciphergate.
+//!   around ciphergate. Packets conntrack cannot place (state `invalid`) are dropped: they
+//!   would pass by the redirect.
 //!
 //! Nothing here sees or logs traffic: the rules are built from the config alone.
 
@@ -143,7 +144,11 @@ pub fn ruleset(capture: &CaptureConfig) -> String {
             rule("iifname \"lo\" accept", "loopback: inside the pod"),
             rule("meta l4proto != tcp accept", "only TCP is guarded"),
             rule(
-                "ct state != new accept",
+                "ct state invalid drop",
+                "packets conntrack cannot place: they would skip the redirect",
+            ),
+            rule(
+                "ct state established,related accept",
                 "connections already let in, and replies to the pod's own",
             ),
             rule(
@@ -464,7 +469,8 @@ mod tests {
                 "type filter hook input priority 0; policy accept;",
                 "iifname \"lo\" accept",
                 "meta l4proto != tcp accept",
-                "ct state != new accept",
+                "ct state invalid drop",
+                "ct state established,related accept",
                 "ct status dnat accept",
                 "tcp dport { 8443, 9901 } accept",
                 "meta l4proto tcp reject with tcp reset",
@@ -557,7 +563,7 @@ mod tests {
             "{script}"
         );
         assert_eq!(
-            chain_rules(&script, "inbound_guard").unwrap()[4..],
+            chain_rules(&script, "inbound_guard").unwrap()[5..],
             [
                 "ct status dnat accept",
                 "meta l4proto tcp reject with tcp reset"

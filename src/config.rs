@@ -77,6 +77,33 @@ pub struct CaptureConfig {
     pub own_ports: Vec<u16>,
 }
 
+impl CaptureConfig {
+    /// What differs between two captures, in words, for a refused reload.
+    pub fn difference(old: Option<&CaptureConfig>, new: Option<&CaptureConfig>) -> Option<String> {
+        let (old, new) = match (old, new) {
+            (None, None) => return None,
+            (Some(_), None) => return Some("[capture] was removed".into()),
+            (None, Some(_)) => return Some("[capture] was added".into()),
+            (Some(old), Some(new)) => (old, new),
+        };
+        let what = if old.outbound != new.outbound {
+            "capture.outbound_listener, or its port"
+        } else if old.inbound != new.inbound {
+            "capture.inbound, or the port of a listener it names"
+        } else if old.proxy_uid != new.proxy_uid {
+            "capture.proxy_uid"
+        } else if old.exclude_cidrs != new.exclude_cidrs || old.exclude_ports != new.exclude_ports {
+            "capture's exclusions"
+        } else if old.own_ports != new.own_ports {
+            "the ports ciphergate listens on outside the pod (the inbound guard lets in only \
+             the installed ones)"
+        } else {
+            return None;
+        };
+        Some(format!("{what} changed"))
+    }
+}
+
 /// A listener that captured connections are redirected to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureTarget {
@@ -796,6 +823,24 @@ impl Ctx<'_> {
         } else {
             Vec::new()
         };
+        if !exclude_cidrs.is_empty() && !cidrs_narrow(Some(&exclude_cidrs)) {
+            let value = t.dict.get("exclude_cidrs");
+            self.error(
+                value,
+                &t.key("exclude_cidrs"),
+                "excludes every address: nothing outbound would be captured (list only the \
+                 destinations to leave alone)",
+            );
+        }
+        if proxy_uid == 0 {
+            let value = t.dict.get("proxy_uid");
+            self.error(
+                value,
+                &t.key("proxy_uid"),
+                "0 would exempt every process running as root, the app's included: run \
+                 ciphergate as a uid of its own (the image's is 65532)",
+            );
+        }
         let exclude_ports = self
             .get::<Vec<u16>>(&mut t, "exclude_ports")
             .unwrap_or_default();
@@ -1462,6 +1507,7 @@ impl Ctx<'_> {
         let t_has_destination =
             t.dict.contains_key("destination") || t.dict.contains_key("destination_port");
         let mut plaintext_allow_by_source_only = false;
+        let mut plaintext_allow_without_host = false;
         let t_has_path_prefix = t.dict.contains_key("path_prefix");
         self.finish(t);
 
@@ -1483,6 +1529,10 @@ impl Ctx<'_> {
                 transport != Some(Transport::Tls) && client_verified != Some(true);
             plaintext_allow_by_source_only =
                 action == Action::Allow && plaintext_possible && !narrowed_beyond_source;
+            plaintext_allow_without_host = action == Action::Allow
+                && plaintext_possible
+                && !cidrs_narrow(destination.as_deref())
+                && server_name.is_empty();
             if action == Action::Allow && plaintext_possible && !narrowed {
                 self.error(
                     action_value.as_ref(),
@@ -1510,6 +1560,7 @@ impl Ctx<'_> {
         };
         RuleEntry {
             plaintext_allow_by_source_only,
+            plaintext_allow_without_host,
             has_destination: t_has_destination,
             destination_key,
             has_path_prefix: t_has_path_prefix,
@@ -1646,6 +1697,22 @@ impl Ctx<'_> {
                     ),
                 );
             }
+            if rule.plaintext_allow_without_host
+                && !rule.plaintext_allow_by_source_only
+                && let Some(l) = covered.iter().find(|l| l.mode == Mode::Transparent)
+            {
+                self.error(
+                    None,
+                    &key("action"),
+                    format!(
+                        "a plaintext `allow` on transparent listener `{}` must name where the \
+                         plaintext may go, with destination (addresses) or server_name (a name, \
+                         which must resolve to the address the app dialled): the app chooses \
+                         its ports, Host headers and paths",
+                        l.name.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
             if rule.has_destination && covered.iter().all(|l| !l.mode.is_outbound()) {
                 self.error(
                     None,
@@ -1706,6 +1773,10 @@ struct RuleEntry {
     /// A plaintext `allow` whose only narrowing is `source`: not narrow on an originate
     /// listener, where every connection comes from the local app.
     plaintext_allow_by_source_only: bool,
+    /// A plaintext `allow` that names neither addresses (`destination`) nor a host
+    /// (`server_name`): on a transparent listener the app picks ports, Hosts and paths, so only
+    /// those say where plaintext may go.
+    plaintext_allow_without_host: bool,
     rule: Option<Rule>,
 }
 

@@ -4,11 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{ConnInfo, HttpProxy};
-use crate::io::IdleClock;
+use crate::io::{IdleClock, Metered};
 use crate::listener::{ListenerState, Permit};
 use crate::metrics::ActiveGuard;
 use crate::policy::Transport;
@@ -47,6 +48,29 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The context of a connection accepted under `state`, and its socket, metered: bytes
+    /// counted and the idle clock kept.
+    pub fn new(
+        state: Arc<ListenerState>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        held: Arc<Held>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> (Conn, Metered<TcpStream>) {
+        let clock = IdleClock::new();
+        let io = Metered::new(stream, state.metrics.byte_counters(), clock.clone());
+        let conn = Conn {
+            source: peer.ip(),
+            state,
+            held,
+            clock,
+            shutdown,
+            tasks,
+        };
+        (conn, io)
+    }
+
     /// The HTTP view of this connection. `original` is the destination a transparent
     /// listener's connection was headed for.
     pub fn info(

@@ -48,7 +48,7 @@ use crate::metrics::{ListenerMetrics, UpstreamFailure};
 use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::pool::{LocalPool, Sticky};
 use crate::transparent::{Kept, Original, Target, TransparentRoute};
-use crate::upstream::{Connector, Security, Upstream};
+use crate::upstream::{Connector, Security, Upstream, UpstreamStream};
 use crate::workers::PerWorker;
 
 /// The body of every response ciphergate sends: the upstream's, streamed, or a short local one.
@@ -701,29 +701,68 @@ pub fn malformed(proxy: &HttpProxy, req: &Request<Incoming>) -> Option<Response<
     None
 }
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// One request on a fresh connection to `addrs`: HTTP/2 when ALPN chose it, else HTTP/1.1.
+/// One request on a fresh connection to `addrs`.
 async fn send_pinned(
     upstream: &Upstream,
     addrs: &[SocketAddr],
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Incoming>, BoxError> {
     let stream = upstream.connect_to(addrs).await?;
-    if stream.negotiated_h2() {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await?;
-        tokio::spawn(conn);
-        Ok(sender.send_request(req).await?)
-    } else {
-        // HTTP/1.1 on a direct connection takes the origin form.
-        let origin = req.uri().path_and_query().cloned();
-        *req.uri_mut() = Uri::from(origin.unwrap_or_else(|| PathAndQuery::from_static("/")));
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
-        tokio::spawn(conn.with_upgrades());
-        Ok(sender.send_request(req).await?)
+    let mut sender = Sender::handshake(stream).await?;
+    sender.send(req).await.map_err(|(error, _)| error)
+}
+
+/// A client connection to an upstream: HTTP/2 when ALPN chose it, else HTTP/1.1 (with
+/// upgrades, for WebSocket).
+pub enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    /// The HTTP handshake on a connected leg; its connection task is spawned here.
+    pub async fn handshake(stream: UpstreamStream) -> Result<Sender, BoxError> {
+        if stream.negotiated_h2() {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(conn);
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
+            tokio::spawn(conn.with_upgrades());
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(sender) => sender.is_ready(),
+            Sender::H2(sender) => sender.is_ready(),
+        }
+    }
+
+    /// Sends a request; on failure, the request back too when it was never written.
+    pub async fn send(
+        &mut self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, (BoxError, Option<Request<Incoming>>)> {
+        match self {
+            Sender::H1(sender) => {
+                // HTTP/1.1 on a direct connection takes the origin form.
+                let origin = req.uri().path_and_query().cloned();
+                *req.uri_mut() =
+                    Uri::from(origin.unwrap_or_else(|| PathAndQuery::from_static("/")));
+                sender.try_send_request(req).await.map_err(|mut e| {
+                    let req = e.take_message();
+                    (e.into_error().into(), req)
+                })
+            }
+            Sender::H2(sender) => sender.send_request(req).await.map_err(|e| (e.into(), None)),
+        }
     }
 }
 

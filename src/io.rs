@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -190,6 +190,68 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Looks at every byte read from a stream before it is handed on.
+pub trait Inspect {
+    /// An error ends the stream: the bytes of that read are not handed on.
+    fn inspect(&mut self, read: &[u8]) -> io::Result<()>;
+}
+
+impl Inspect for crate::tls::records::RecordWatch {
+    fn inspect(&mut self, read: &[u8]) -> io::Result<()> {
+        self.feed(read)
+            .map_err(|v| io::Error::new(io::ErrorKind::InvalidData, v))
+    }
+}
+
+/// A stream whose reads pass an [`Inspect`] first; writes go straight through.
+pub struct Inspected<T, I> {
+    inner: T,
+    inspector: I,
+}
+
+impl<T, I> Inspected<T, I> {
+    pub fn new(inner: T, inspector: I) -> Self {
+        Inspected { inner, inspector }
+    }
+}
+
+impl<T: AsyncRead + Unpin, I: Inspect + Unpin> AsyncRead for Inspected<T, I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        match this.inspector.inspect(&buf.filled()[before..]) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => {
+                buf.set_filled(before);
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Inspected<T, I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -34,7 +34,7 @@ use crate::conn::{Conn, Held};
 use crate::detect::{Detected, detect, detect_now};
 use crate::forward::ForwardProxy;
 use crate::http::{HttpProxy, HttpUpstream, Route, decide_originate};
-use crate::io::{IdleClock, Metered};
+use crate::io::Metered;
 use crate::metrics::{HandshakeOutcome, Leg, ListenerMetrics, Metrics};
 use crate::policy::{self, Action, Facts, ListenerPolicy, Mode, Outbound, Transport};
 use crate::socket::ListeningSocket;
@@ -368,16 +368,7 @@ async fn connection(
             }
         },
     };
-    let clock = IdleClock::new();
-    let io = Metered::new(stream, state.metrics.byte_counters(), clock.clone());
-    let conn = Conn {
-        source: peer.ip(),
-        state,
-        held,
-        clock,
-        shutdown,
-        tasks,
-    };
+    let (conn, io) = Conn::new(state, stream, peer, held, shutdown, tasks);
     serve(&conn, detected, io, deadline).await
 }
 

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use ciphergate::config::{self, Config};
-use ciphergate::policy::{self, Action, Facts, Mode, Transport};
+use ciphergate::policy::{self, Action, Decision, Facts, Mode, Transport};
 
 const DEFAULT_CONFIG: &str = "config/ciphergate.toml";
 
@@ -126,7 +126,8 @@ enum CaptureCommand {
     /// Put the rules in place, replacing any earlier version in one transaction (idempotent).
     /// Needs CAP_NET_ADMIN and the nft tool: run it in an init container.
     Install(ConfigArg),
-    /// Delete the table `inet ciphergate`; succeeds when it is not there.
+    /// Delete the table `inet ciphergate`; succeeds when it is not there. Reads no config
+    /// (`-c` is accepted and ignored), so it works when the config is gone or broken.
     Remove(ConfigArg),
     /// Write the rules `install` applies to stdout, as an `nft -f` script (for your own
     /// tooling: `ciphergate capture print | nft -f -`). Needs no privilege and no nft.
@@ -254,21 +255,22 @@ fn explain(args: &ExplainArgs) -> ExitCode {
     println!("transport: {}", transport.as_str());
     println!("rule: {}", decision.rule_name(&listener.policy));
     println!("action: {}", decision.label().as_str());
-    println!(
-        "effect: {}",
-        effect(listener, transport, decision.action, decision.audited)
-    );
+    println!("effect: {}", effect(listener, transport, &decision));
     ExitCode::SUCCESS
 }
 
 /// What the decision table says happens.
-fn effect(
-    listener: &config::ListenerConfig,
-    transport: Transport,
-    action: Action,
-    audited: bool,
-) -> String {
+fn effect(listener: &config::ListenerConfig, transport: Transport, decision: &Decision) -> String {
     use config::Protocol::{Http, Tcp};
+    let (action, audited) = (decision.action, decision.audited);
+    let rule = decision.rule.map(|i| &listener.policy.rules[i]);
+    // A transparent listener's plaintext exception that needs HTTP to match (a Host or a
+    // path) cannot apply to other plaintext, which is then closed.
+    let needs_http = rule.is_some_and(|r| !r.server_name.is_empty() || !r.path_prefix.is_empty());
+    let floor = match listener.settings.min_tls_version {
+        ciphergate::tls::MinTlsVersion::Tls12 => "1.2",
+        ciphergate::tls::MinTlsVersion::Tls13 => "1.3",
+    };
     let audit = if audited {
         " (audit mode: this would be rejected under enforce)"
     } else {
@@ -310,17 +312,25 @@ fn effect(
         (Mode::Transparent, _, Action::Reject, Transport::Tls) => {
             "connection closed before a byte reaches the destination".into()
         }
-        (Mode::Transparent, _, _, Transport::Tls) => {
-            "the app's own TLS relayed untouched to the original destination (never decrypted)"
-                .into()
-        }
+        (Mode::Transparent, _, _, Transport::Tls) => format!(
+            "the app's own TLS relayed untouched to the original destination (never decrypted); \
+             a hello that offers nothing at or above TLS {floor}, or a server that chooses less, \
+             is closed"
+        ),
         (Mode::Transparent, _, Action::Reject, Transport::Plaintext) => {
             "HTTP/1.x: 403 Forbidden naming the rule; other plaintext: connection closed, 0 bytes \
              reach the destination"
                 .into()
         }
+        (Mode::Transparent, _, Action::Allow, Transport::Plaintext) if !audited && needs_http => {
+            "HTTP/1.x requests it matches: forwarded as is to the original destination (a \
+             narrowed, counted plaintext exception; a server_name must resolve to the address the \
+             app dialled); other plaintext: connection closed, 0 bytes reach the destination"
+                .into()
+        }
         (Mode::Transparent, _, Action::Allow, Transport::Plaintext) if !audited => {
-            "forwarded as is to the original destination (a narrowed, counted plaintext exception)"
+            "forwarded as is to the original destination, at once, before any byte (a narrowed, \
+             counted plaintext exception)"
                 .into()
         }
         (Mode::Transparent, _, _, Transport::Plaintext) => {
@@ -348,8 +358,13 @@ fn parse_destination(text: &str) -> Result<(IpAddr, Option<u16>), String> {
 
 fn capture(command: &CaptureCommand) -> ExitCode {
     use ciphergate::capture;
-    let (CaptureCommand::Install(arg) | CaptureCommand::Remove(arg) | CaptureCommand::Print(arg)) =
-        command;
+    let arg = match command {
+        // Removing needs nothing from the config: it works when the config is gone or broken.
+        CaptureCommand::Remove(_) => {
+            return capture_outcome(capture::remove(), "removed (if it was there)");
+        }
+        CaptureCommand::Install(arg) | CaptureCommand::Print(arg) => arg,
+    };
     let config = match load(arg) {
         Ok(config) => config,
         Err(code) => return code,
@@ -357,22 +372,22 @@ fn capture(command: &CaptureCommand) -> ExitCode {
     let Some(rules) = config.capture else {
         eprintln!(
             "error: {}: capture: missing: there is no [capture] table, so there are no rules to \
-             install, remove or print",
+             install or print",
             config.path.display()
         );
         return ExitCode::from(2);
     };
-    let result = match command {
-        CaptureCommand::Print(_) => {
-            print!("{}", capture::ruleset(&rules));
-            return ExitCode::SUCCESS;
-        }
-        CaptureCommand::Install(_) => capture::install(&rules).map(|()| "installed"),
-        CaptureCommand::Remove(_) => capture::remove().map(|()| "removed (if it was there)"),
-    };
+    if let CaptureCommand::Print(_) = command {
+        print!("{}", capture::ruleset(&rules));
+        return ExitCode::SUCCESS;
+    }
+    capture_outcome(capture::install(&rules), "installed")
+}
+
+fn capture_outcome(result: Result<(), ciphergate::capture::CaptureError>, done: &str) -> ExitCode {
     match result {
-        Ok(done) => {
-            println!("nftables table {}: {done}", capture::TABLE);
+        Ok(()) => {
+            println!("nftables table {}: {done}", ciphergate::capture::TABLE);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -9,29 +9,35 @@
 //!
 //! Rules decide on the original destination (`destination`, `destination_port`), the SNI or
 //! Host (`server_name`) and, for HTTP, the path. A plaintext `allow` that needs no bytes to
-//! match (a destination and port) relays at once, so protocols where the server speaks first
-//! work; everything else waits for the app's first bytes, under `handshake_timeout`.
+//! match (a destination) relays at once, so protocols where the server speaks first work;
+//! everything else waits for the app's first bytes, under `handshake_timeout`.
 //!
-//! ciphergate's own upstream connections carry its uid, which the netfilter rules exempt. If
-//! that exemption is missing (a wrong `proxy_uid`), one of them would come back here: it is
-//! recognised by its source address and closed, so a misconfiguration cannot loop.
+//! The app chooses its Host, SNI and path, and they say nothing about the address it dialled.
+//! So a plaintext exception matched by `server_name` alone holds only when that name resolves
+//! to the original destination; and relayed TLS is watched record by record
+//! ([`RecordWatch`]): plaintext after a ClientHello, or a server that settles on a version
+//! under `min_tls_version`, ends the relay.
+//!
+//! ciphergate's own connections carry its uid, which the netfilter rules exempt. If that
+//! exemption is missing (a wrong `proxy_uid`), one of them comes back here: each is registered
+//! by its local port and destination before its SYN goes out, so it is recognised at once and
+//! closed, and the misconfiguration costs one refused hop, not a loop.
 //!
 //! Nothing here logs, and no address, port, Host or SNI leaves this module but to connect.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::HeaderValue;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout_at};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,19 +45,18 @@ use crate::config::UpstreamAddr;
 use crate::conn::{Conn, Held};
 use crate::detect::{Sniffed, sniff};
 use crate::http::{
-    ConnInfo, HostHeader, HttpProxy, ProxyBody, Via, forbidden_by_rule, forward, local, malformed,
-    request_host, rewritten_path,
+    BoxError, ConnInfo, HostHeader, HttpProxy, ProxyBody, Sender, Via, forbidden_by_rule, forward,
+    local, malformed, request_host, rewritten_path,
 };
-use crate::io::{IdleClock, Metered, Prefixed};
+use crate::io::{Inspected, Prefixed};
 use crate::listener::ListenerState;
-use crate::metrics::{DecisionLabel, ListenerMetrics};
-use crate::policy::{self, Action, Decision, Facts, Outbound, Transport};
+use crate::metrics::{DecisionLabel, ListenerMetrics, UpstreamFailure};
+use crate::policy::{self, Action, Decision, Facts, ListenerPolicy, Outbound, Transport};
 use crate::tls::MinTlsVersion;
 use crate::tls::client::{ClientTls, UpstreamTls};
 use crate::tls::hello::{self, Hello, Parsed};
+use crate::tls::records::RecordWatch;
 use crate::upstream::{Security, Upstream, UpstreamStream};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a transparent listener needs to send HTTP on with TLS.
 pub struct TransparentRoute {
@@ -78,6 +83,19 @@ impl Original {
     }
 }
 
+/// The facts of a connection to `original`, before anything is known of its bytes.
+fn facts<'a>(source: IpAddr, original: SocketAddr, transport: Transport) -> Facts<'a> {
+    Facts {
+        transport,
+        source: Some(source),
+        server_name: None,
+        path: None,
+        destination: Some(original.ip()),
+        destination_port: Some(original.port()),
+        client_verified: false,
+    }
+}
+
 /// The life of one redirected connection. `stream` is as accepted: not yet registered with
 /// this worker's reactor.
 pub async fn serve(
@@ -88,46 +106,30 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let metrics = &state.metrics;
-    let refuse_unknown = || metrics.decision(None, DecisionLabel::Reject);
     let Ok(local) = stream.local_addr() else {
         return;
     };
     // Not redirected (the app dialled the listener itself), or one of ciphergate's own
     // connections come back: there is nowhere to send it.
     let original = match crate::sys::original_destination(&stream, local.is_ipv6()) {
-        Ok(original) if original != local && !is_own(peer) => original,
-        _ => return refuse_unknown(),
+        Ok(original) if original != local && !is_own(peer, original) => original,
+        _ => return state.metrics.decision(None, DecisionLabel::Reject),
     };
     let Ok(stream) = TcpStream::from_std(stream) else {
         return;
     };
-    let clock = IdleClock::new();
-    let io = Metered::new(stream, metrics.byte_counters(), clock.clone());
-    let conn = Conn {
-        source: peer.ip(),
-        state,
-        held,
-        clock,
-        shutdown,
-        tasks,
-    };
-    let facts = Facts {
-        transport: Transport::Plaintext,
-        source: Some(conn.source),
-        server_name: None,
-        path: None,
-        destination: Some(original.ip()),
-        destination_port: Some(original.port()),
-        client_verified: false,
-    };
+    let (conn, io) = Conn::new(state, stream, peer, held, shutdown, tasks);
     // A plaintext exception for this destination needs no bytes to decide: relay now, so a
-    // protocol whose server speaks first is not held up.
-    let without_bytes = policy::decide(&conn.state.policy, &facts);
+    // protocol whose server speaks first is not held up. (Counted as plaintext: it is decided
+    // before a byte is seen.)
+    let without_bytes = policy::decide(
+        &conn.state.policy,
+        &facts(conn.source, original, Transport::Plaintext),
+    );
     if without_bytes.rule.is_some() && without_bytes.outbound() == Outbound::Plaintext {
         conn.state.metrics.connection(Transport::Plaintext);
         count(&conn, &without_bytes);
-        return relay(&conn, io, original, Security::PlaintextException).await;
+        return relay(&conn, io, original, Security::PlaintextException, None).await;
     }
 
     let deadline = Instant::now() + conn.state.settings.handshake_timeout;
@@ -144,8 +146,8 @@ pub async fn serve(
     match first {
         First::Tls(hello) => {
             conn.state.metrics.connection(Transport::Tls);
-            if passthrough(&conn, &hello, original) {
-                relay(&conn, io, original, Security::Passthrough).await
+            if let Some(floor) = passthrough(&conn, &hello, original) {
+                relay(&conn, io, original, Security::Passthrough, Some(floor)).await
             }
         }
         First::Http => {
@@ -189,9 +191,6 @@ where
         if let Some(first) = first {
             return Ok((first, Prefixed::new(buf, io)));
         }
-        if buf.len() > hello::MAX_HELLO + 1024 {
-            return Ok((First::Other, Prefixed::new(buf, io)));
-        }
         buf.reserve(4096);
         if io.read_buf(&mut buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -199,29 +198,27 @@ where
     }
 }
 
-/// Decides the app's own TLS, counts the decision, and says whether to relay it. A hello
-/// that offers nothing at or above `min_tls_version` is refused, unless a rule names it.
-fn passthrough(conn: &Conn, hello: &Hello, original: SocketAddr) -> bool {
-    let facts = Facts {
-        transport: Transport::Tls,
-        source: Some(conn.source),
-        server_name: hello.server_name.as_deref(),
-        path: None,
-        destination: Some(original.ip()),
-        destination_port: Some(original.port()),
-        client_verified: false,
-    };
-    let decision = policy::decide(&conn.state.policy, &facts);
+/// Decides the app's own TLS and counts the decision: the version floor the relay must hold
+/// the server to, or `None` to close. A hello that offers nothing at or above
+/// `min_tls_version` is refused whatever the rules say.
+fn passthrough(conn: &Conn, hello: &Hello, original: SocketAddr) -> Option<u16> {
     let floor = match conn.state.settings.min_tls_version {
         MinTlsVersion::Tls12 => hello::TLS12,
         MinTlsVersion::Tls13 => hello::TLS13,
     };
-    if decision.rule.is_none() && hello.max_version < floor {
+    if hello.max_version < floor {
         conn.state.metrics.decision(None, DecisionLabel::Reject);
-        return false;
+        return None;
     }
+    let decision = policy::decide(
+        &conn.state.policy,
+        &Facts {
+            server_name: hello.server_name.as_deref(),
+            ..facts(conn.source, original, Transport::Tls)
+        },
+    );
     count(conn, &decision);
-    decision.action == Action::Allow
+    (decision.action == Action::Allow).then_some(floor)
 }
 
 /// Other plaintext: it has no TLS to be sent on with, so whatever would have upgraded it
@@ -238,10 +235,16 @@ fn count(conn: &Conn, decision: &Decision) {
 }
 
 /// Connects to the original destination and relays until either side closes or the
-/// connection idles out.
-async fn relay<C>(conn: &Conn, client: C, original: SocketAddr, security: Security)
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+/// connection idles out. With a `floor`, both directions must stay TLS records and the server
+/// must choose at least that version.
+async fn relay<C>(
+    conn: &Conn,
+    client: C,
+    original: SocketAddr,
+    security: Security,
+    floor: Option<u16>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
 {
     let upstream = Upstream {
         addr: UpstreamAddr {
@@ -252,17 +255,49 @@ where
         timeout: conn.state.settings.handshake_timeout,
         metrics: conn.state.metrics.clone(),
     };
-    let Ok(stream) = upstream.connect_to(&[original]).await else {
+    let Ok((stream, _own)) = dial(&upstream, original).await else {
         return;
     };
-    let _own = OwnConnection::register(&stream);
-    crate::relay::relay(
-        client,
-        stream,
-        &conn.clock,
-        conn.state.settings.idle_timeout,
-    )
-    .await
+    let (clock, idle) = (&conn.clock, conn.state.settings.idle_timeout);
+    match floor {
+        Some(floor) => {
+            let client = Inspected::new(client, RecordWatch::client());
+            let stream = Inspected::new(stream, RecordWatch::server(floor));
+            crate::relay::relay(client, stream, clock, idle).await
+        }
+        None => crate::relay::relay(client, stream, clock, idle).await,
+    }
+}
+
+/// Opens ciphergate's own connection to `to`, registered as its own before its SYN goes out,
+/// and makes the leg over it. Counts any failure.
+async fn dial(
+    upstream: &Upstream,
+    to: SocketAddr,
+) -> Result<(UpstreamStream, OwnConnection), UpstreamFailure> {
+    let connected = timeout(upstream.timeout, async {
+        let (socket, any) = match to {
+            SocketAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            SocketAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
+        socket.set_nodelay(true)?;
+        socket.bind(SocketAddr::new(any, 0))?;
+        let own = OwnConnection::register(socket.local_addr()?.port(), to);
+        Ok::<_, std::io::Error>((socket.connect(to).await?, own))
+    })
+    .await;
+    let (tcp, own) = match connected {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(_)) => {
+            upstream.metrics.upstream_error(UpstreamFailure::Connect);
+            return Err(UpstreamFailure::Connect);
+        }
+        Err(_) => {
+            upstream.metrics.upstream_error(UpstreamFailure::Timeout);
+            return Err(UpstreamFailure::Timeout);
+        }
+    };
+    Ok((upstream.over(tcp).await?, own))
 }
 
 /// Decides and answers one plaintext HTTP request of the app's.
@@ -280,21 +315,17 @@ pub async fn handle(
     };
     let Some(host) = request_host(&req)
         .and_then(policy::host_name)
-        .filter(|h| policy::is_dns_name(h) || h.parse::<std::net::IpAddr>().is_ok())
+        .filter(|h| policy::is_dns_name(h) || h.parse::<IpAddr>().is_ok())
     else {
         return local(StatusCode::BAD_REQUEST, "a valid Host header is required\n");
     };
     let normalized = policy::normalize_path(req.uri().path());
     let facts = Facts {
-        transport: Transport::Plaintext,
-        source: Some(conn.source),
         server_name: Some(&host),
         path: normalized.as_deref(),
-        destination: Some(original.addr.ip()),
-        destination_port: Some(original.addr.port()),
-        client_verified: false,
+        ..facts(conn.source, original.addr, Transport::Plaintext)
     };
-    let decision = proxy.count(policy::decide(&proxy.policy, &facts));
+    let decision = proxy.count(decide_http(&proxy.policy, &facts, &host, original.addr).await);
     let (scheme, port, security) = match decision.outbound() {
         Outbound::Refuse => return forbidden_by_rule(proxy, &decision),
         Outbound::Tls => {
@@ -321,6 +352,22 @@ pub async fn handle(
     let Some(authority) = authority(&host, port) else {
         return local(StatusCode::BAD_REQUEST, "a valid Host header is required\n");
     };
+    // Over TLS the destination sees the authority it is reached at (`name`, not `name:80`);
+    // a plaintext exception carries the app's own Host.
+    let host_header = match scheme == Scheme::HTTPS {
+        true => {
+            let text = if port == 443 {
+                authority.host()
+            } else {
+                authority.as_str()
+            };
+            match HeaderValue::from_str(text) {
+                Ok(value) => HostHeader::Set(value),
+                Err(_) => return local(StatusCode::BAD_REQUEST, "invalid Host\n"),
+            }
+        }
+        false => HostHeader::Destination,
+    };
     let upstream = Upstream {
         addr: UpstreamAddr {
             host: host.into_owned(),
@@ -340,7 +387,7 @@ pub async fn handle(
         conn,
         req,
         rewritten.as_deref(),
-        HostHeader::Destination,
+        host_header,
         scheme,
         authority,
         Via::Kept(&original.kept, &target),
@@ -348,9 +395,52 @@ pub async fn handle(
     .await
 }
 
+/// Decides a request. A plaintext exception matched by `server_name` without a `destination`
+/// holds only when the Host resolves to the address the app dialled: the app chooses its Host,
+/// and a name must not let plaintext go to any address. Otherwise the request is decided as
+/// if it named no host.
+async fn decide_http(
+    policy: &ListenerPolicy,
+    facts: &Facts<'_>,
+    host: &str,
+    original: SocketAddr,
+) -> Decision {
+    let decision = policy::decide(policy, facts);
+    let Some(rule) = decision.rule.map(|i| &policy.rules[i]) else {
+        return decision;
+    };
+    if decision.outbound() != Outbound::Plaintext
+        || rule.server_name.is_empty()
+        || !rule.destination.is_empty()
+    {
+        return decision;
+    }
+    let resolved = timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host, original.port())),
+    )
+    .await;
+    let dialled = original.ip().to_canonical();
+    let holds = match resolved {
+        Ok(Ok(mut addrs)) => addrs.any(|a| a.ip().to_canonical() == dialled),
+        _ => false,
+    };
+    if holds {
+        decision
+    } else {
+        policy::decide(
+            policy,
+            &Facts {
+                server_name: None,
+                ..*facts
+            },
+        )
+    }
+}
+
 fn authority(host: &str, port: u16) -> Option<Authority> {
-    let text = match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+    let text = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
         _ => format!("{host}:{port}"),
     };
     Authority::try_from(text).ok()
@@ -363,21 +453,18 @@ pub struct Target {
     addr: SocketAddr,
 }
 
+/// Where a kept connection goes: the address, whether TLS, and the name verified.
+type KeptTo = (SocketAddr, bool, Box<str>);
+
 /// The upstream connection an app connection's HTTP requests go on, kept between them while
 /// they go to the same place.
 #[derive(Default)]
 pub struct Kept(Mutex<Option<KeptConnection>>);
 
 struct KeptConnection {
-    /// Where it goes: the address, whether TLS, and the name verified.
-    to: (SocketAddr, bool, Box<str>),
+    to: KeptTo,
     sender: Sender,
     _own: OwnConnection,
-}
-
-enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
 }
 
 impl Kept {
@@ -395,10 +482,7 @@ impl Kept {
         );
         let kept = {
             let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            match slot.take() {
-                Some(k) if k.to == to && k.sender.is_ready() => Some(k),
-                _ => None,
-            }
+            slot.take().filter(|k| k.to == to && k.sender.is_ready())
         };
         let (mut connection, reused) = match kept {
             Some(k) => (k, true),
@@ -418,88 +502,52 @@ impl Kept {
     }
 }
 
-impl Sender {
-    fn is_ready(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
-
-    /// Sends a request; on failure, the request back when it was never written.
-    async fn send(
-        &mut self,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, (BoxError, Option<Request<Incoming>>)> {
-        match self {
-            Sender::H1(sender) => {
-                // HTTP/1.1 on a direct connection takes the origin form.
-                let origin = req.uri().path_and_query().cloned();
-                *req.uri_mut() =
-                    Uri::from(origin.unwrap_or_else(|| PathAndQuery::from_static("/")));
-                sender.try_send_request(req).await.map_err(|mut e| {
-                    let req = e.take_message();
-                    (e.into_error().into(), req)
-                })
-            }
-            Sender::H2(sender) => sender.send_request(req).await.map_err(|e| (e.into(), None)),
-        }
-    }
-}
-
-async fn connect(
-    target: &Target,
-    to: (SocketAddr, bool, Box<str>),
-) -> Result<KeptConnection, BoxError> {
-    let stream = target.upstream.connect_to(&[target.addr]).await?;
-    let own = OwnConnection::register(&stream);
-    let sender = if stream.negotiated_h2() {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Sender::H2(sender)
-    } else {
-        let (sender, conn) = http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
-        tokio::spawn(conn.with_upgrades());
-        Sender::H1(sender)
-    };
+async fn connect(target: &Target, to: KeptTo) -> Result<KeptConnection, BoxError> {
+    let (stream, own) = dial(&target.upstream, target.addr).await?;
     Ok(KeptConnection {
         to,
-        sender,
+        sender: Sender::handshake(stream).await?,
         _own: own,
     })
 }
 
-/// The local addresses of ciphergate's own connections to original destinations, while they
-/// are open. A connection arriving from one of them is one of ours come back.
-static OWN: LazyLock<Mutex<HashSet<SocketAddr>>> = LazyLock::new(Default::default);
+/// ciphergate's own connections to original destinations while they are open, by local port
+/// and destination (a port is reused for other destinations), with how many hold each.
+static OWN: LazyLock<Mutex<HashMap<(u16, SocketAddr), usize>>> = LazyLock::new(Default::default);
 
 /// One of ciphergate's connections, known as its own until dropped.
-struct OwnConnection(Option<SocketAddr>);
+struct OwnConnection((u16, SocketAddr));
 
 impl OwnConnection {
-    fn register(stream: &UpstreamStream) -> Self {
-        let addr = stream.local_addr().ok();
-        if let Some(addr) = addr {
-            OWN.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(addr);
-        }
-        OwnConnection(addr)
+    fn register(port: u16, to: SocketAddr) -> Self {
+        let key = (port, canonical(to));
+        *OWN.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default() += 1;
+        OwnConnection(key)
     }
 }
 
 impl Drop for OwnConnection {
     fn drop(&mut self) {
-        if let Some(addr) = self.0 {
-            OWN.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&addr);
+        let mut own = OWN.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = own.get_mut(&self.0) {
+            *count -= 1;
+            if *count == 0 {
+                own.remove(&self.0);
+            }
         }
     }
 }
 
-fn is_own(peer: SocketAddr) -> bool {
+/// Whether a connection from `peer` to `original` is one of ciphergate's own come back.
+fn is_own(peer: SocketAddr, original: SocketAddr) -> bool {
     OWN.lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .contains(&peer)
+        .contains_key(&(peer.port(), canonical(original)))
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

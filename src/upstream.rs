@@ -116,12 +116,31 @@ impl Upstream {
         result
     }
 
+    /// Makes the leg over a TCP connection the caller opened itself (from a socket it had to
+    /// know the address of first): verified TLS for a TLS leg. Counts any failure.
+    pub async fn over(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamFailure> {
+        let result = self.secure(tcp, Instant::now() + self.timeout).await;
+        if let Err(failure) = result {
+            self.metrics.upstream_error(failure);
+        }
+        result
+    }
+
     async fn try_connect(
         &self,
         addrs: &[SocketAddr],
         deadline: Instant,
     ) -> Result<UpstreamStream, UpstreamFailure> {
         let tcp = connect_any(addrs, &self.security, deadline).await?;
+        self.secure(tcp, deadline).await
+    }
+
+    /// The leg's security over a connected socket: the TLS handshake for a TLS leg.
+    async fn secure(
+        &self,
+        tcp: TcpStream,
+        deadline: Instant,
+    ) -> Result<UpstreamStream, UpstreamFailure> {
         let Security::Tls(tls) = &self.security else {
             return Ok(UpstreamStream::Plain(tcp));
         };
@@ -191,14 +210,6 @@ pub enum UpstreamStream {
 }
 
 impl UpstreamStream {
-    /// ciphergate's end of the connection.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        match self {
-            UpstreamStream::Plain(s) => s.local_addr(),
-            UpstreamStream::Tls(tls) => tls.get_ref().0.local_addr(),
-        }
-    }
-
     pub fn negotiated_h2(&self) -> bool {
         match self {
             UpstreamStream::Plain(_) => false,

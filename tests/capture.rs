@@ -141,17 +141,18 @@ impl Pod {
         self.children.lock().unwrap().push(child);
     }
 
-    /// Starts ciphergate in the pod as the proxy's uid and waits until it is ready.
-    fn start_proxy(&self, config: &Path) {
+    /// Starts ciphergate in the pod as `uid` and waits until it is ready; returns its index
+    /// among the children.
+    fn start_proxy(&self, config: &Path, uid: &str) -> usize {
         let mut child = self
             .exec(
                 &self.app,
                 &[
                     "setpriv",
                     "--reuid",
-                    PROXY_UID,
+                    uid,
                     "--regid",
-                    PROXY_UID,
+                    uid,
                     "--clear-groups",
                     bin(),
                     "run",
@@ -181,6 +182,14 @@ impl Pod {
             "ciphergate did not become ready: {:?}",
             self.logs.lock().unwrap()
         );
+        self.children.lock().unwrap().len() - 1
+    }
+
+    /// Stops a child started here, by its index.
+    fn stop(&self, index: usize) {
+        let mut children = self.children.lock().unwrap();
+        let _ = children[index].kill();
+        let _ = children[index].wait();
     }
 
     /// curl from the app (root, so its connections are captured). Exit code and body.
@@ -198,11 +207,16 @@ impl Pod {
 
     /// A raw TCP exchange from the app: whether it connected, and what came back.
     fn app_raw(&self, host: &str, port: u16, data: &str) -> serde_json::Value {
+        self.app_raw_with(host, port, data, &[])
+    }
+
+    /// [`Pod::app_raw`] with client.py's flags (`--hex`, `--silent`).
+    fn app_raw_with(&self, host: &str, port: u16, data: &str, flags: &[&str]) -> serde_json::Value {
         let script = fixture("client.py");
-        let (_, out) = self.run_in(
-            &self.app,
-            &["python3", &script, host, &port.to_string(), data],
-        );
+        let port = port.to_string();
+        let mut args = vec!["python3", script.as_str(), host, &port, data];
+        args.extend_from_slice(flags);
+        let (_, out) = self.run_in(&self.app, &args);
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("client said {out}"))
     }
 
@@ -310,6 +324,7 @@ upstream = "127.0.0.1:8080"
 name = "egress-all"
 bind = "127.0.0.1:15001"
 mode = "transparent"
+handshake_timeout = "2s"
   [listener.upstream_tls]
   ca = "{remote_ca}"
 
@@ -348,7 +363,7 @@ action = "allow"
     }
     let (code, out) = pod.run_in(&app_ns, &[bin(), "capture", "install", "-c", &config_path]);
     assert_eq!(code, 0, "capture install: {out}");
-    pod.start_proxy(&config);
+    let proxy = pod.start_proxy(&config, PROXY_UID);
 
     // 1. The app's plaintext HTTP arrives at the remote as verified TLS on 443, with its
     //    Host as SNI; port 80 never sees a byte.
@@ -406,6 +421,8 @@ action = "allow"
         &format!("http://{APP_V4}:8080/app.txt"),
     ]);
     assert_eq!((code, status.as_str()), (0, "426"));
+    let app_saw = || std::fs::read_to_string(ws.path("app-8080.log")).unwrap_or_default();
+    assert_eq!(app_saw(), "", "the app saw a refused request");
 
     // 6. A remote client's TLS to the app port reaches the app, through ciphergate.
     let (code, body) = pod.remote_curl(&[
@@ -414,6 +431,11 @@ action = "allow"
         &format!("https://{APP_V4}:8080/app.txt"),
     ]);
     assert_eq!((code, body.as_str()), (0, "the app\n"));
+    assert_eq!(
+        app_saw(),
+        "/app.txt\n",
+        "the app saw what came over TLS, once"
+    );
     // An app port left out of `inbound` cannot be reached around ciphergate at all, while the
     // app itself still reaches it over loopback.
     let (code, _) = pod.remote_curl(&[&format!("http://{APP_V4}:9000/app.txt")]);
@@ -454,6 +476,69 @@ action = "allow"
     let raw = pod.app_raw("127.0.0.1", 15001, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(raw["received"], "", "{raw}");
 
+    // Fail closed: plaintext HTTP whose destination does not verify for its Host, or does not
+    // speak TLS, gets 502, and nothing goes out in plaintext.
+    let seen_before = pod.remote_saw().len();
+    let status_of = |args: &[&str]| {
+        let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        pod.app_curl(&all)
+    };
+    let (code, status) = status_of(&[
+        "--resolve",
+        &format!("wrong.test:80:{REMOTE_V4}"),
+        "http://wrong.test/unverified",
+    ]);
+    assert_eq!((code, status.as_str()), (0, "502"));
+    let (code, status) = status_of(&[
+        "--resolve",
+        &format!("remote.test:8080:{REMOTE_V4}"),
+        "http://remote.test:8080/not-tls",
+    ]);
+    assert_eq!((code, status.as_str()), (0, "502"));
+    // The app's TLS that offers nothing at TLS 1.2 or above is closed before a byte goes out;
+    // a valid hello followed by plaintext is cut off before the plaintext.
+    let tls11 = hex(&client_hello(0x0302, None));
+    let raw = pod.app_raw_with(REMOTE_V4, 8443, &tls11, &["--hex"]);
+    assert_eq!(raw["received"], "", "{raw}");
+    let mut smuggled = client_hello(0x0303, Some(0x0304));
+    smuggled.extend_from_slice(b"PLAINTEXT customer-ssn=123");
+    let raw = pod.app_raw_with(REMOTE_V4, 7000, &hex(&smuggled), &["--hex"]);
+    assert_eq!(raw["received"], "", "{raw}");
+    // An app that sends nothing to a destination no rule names is closed at handshake_timeout.
+    let raw = pod.app_raw_with(REMOTE_V4, 7000, "", &["--silent"]);
+    assert_eq!(raw["received"], "", "{raw}");
+    // IPv6 for the other paths: the rule-allowed port, and the app's own TLS.
+    let raw = pod.app_raw(REMOTE_V6, 6379, "PING6\r\n");
+    assert_eq!(raw["received"], "PING6\r\n", "{raw}");
+    let (code, body) = pod.app_curl(&[
+        "--cacert",
+        &ws.p("remote-ca.crt"),
+        "--resolve",
+        &format!("remote.test:8443:[{REMOTE_V6}]"),
+        "https://remote.test:8443/own-v6",
+    ]);
+    assert_eq!((code, body.as_str()), (0, "remote tls /own-v6"));
+    // The remote's records: the two 502s (a refused certificate, a ClientHello to the non-TLS
+    // server), the relayed hello cut off at the plaintext, the IPv6 ones.
+    let seen = pod.wait_remote(seen_before + 5);
+    let new = &seen[seen_before..];
+    for entry in new
+        .iter()
+        .filter(|s| s["port"] == 7000 || s["port"] == 8080)
+    {
+        let bytes = entry["bytes"].as_str().unwrap_or_default();
+        assert!(
+            !bytes.contains("GET") && !bytes.contains("PLAINTEXT"),
+            "plaintext reached the remote: {entry}"
+        );
+    }
+    assert!(
+        new.iter()
+            .all(|s| s["port"] != 80 && s["port"] != 8443 || s["tls"] == true),
+        "{new:?}"
+    );
+
     let m = pod.metrics(admin);
     let egress = ("listener", "egress-all");
     let decisions = |rule: &str, action: &str| {
@@ -462,24 +547,37 @@ action = "allow"
             &[egress, ("rule", rule), ("action", action)],
         )
     };
-    assert_eq!(decisions("default", "upgrade"), 2.0, "cases 1 and 7");
-    assert_eq!(decisions("default", "allow"), 1.0, "case 2");
-    assert_eq!(decisions("redis", "allow"), 1.0, "case 4");
-    assert_eq!(decisions("default", "reject"), 2.0, "cases 3 and 8");
-    // ciphergate verified the remote twice (1, 7) and never terminated the app's own TLS.
     assert_eq!(
+        decisions("default", "upgrade"),
+        4.0,
+        "cases 1 and 7, the two 502s"
+    );
+    assert_eq!(
+        decisions("default", "allow"),
+        3.0,
+        "case 2, the smuggler, IPv6 TLS"
+    );
+    assert_eq!(decisions("redis", "allow"), 2.0, "case 4 and IPv6");
+    assert_eq!(
+        decisions("default", "reject"),
+        4.0,
+        "cases 3 and 8, the TLS 1.1 hello, the silent app"
+    );
+    // ciphergate verified the remote for 1 and 7, refused it for the two 502s, and never
+    // terminated the app's own TLS.
+    let upstream = |outcome| {
         m.get(
             "ciphergate_tls_handshakes_total",
-            &[egress, ("leg", "upstream"), ("outcome", "ok")]
-        ),
-        2.0
-    );
+            &[egress, ("leg", "upstream"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((upstream("ok"), upstream("failed")), (2.0, 2.0));
     assert_eq!(
         m.get(
             "ciphergate_connections_total",
             &[egress, ("transport", "tls")]
         ),
-        1.0
+        4.0
     );
     let ingress = ("listener", "ingress");
     assert_eq!(
@@ -501,18 +599,51 @@ action = "allow"
         )
         .1;
     for secret in [
-        REMOTE_V4,
+        "198.51.100.",
         "2001:db8",
         "remote.test",
+        "wrong.test",
         "app.test",
         ":6379",
         ":7000",
         "/one",
+        "/two",
+        "/seven",
+        "/unverified",
     ] {
         assert!(!logs.contains(secret), "the logs carry {secret}:\n{logs}");
         assert!(!exposition.contains(secret), "the metrics carry {secret}");
     }
     assert!(logs.lines().count() >= 3, "no logs were captured");
+
+    // A wrong proxy_uid: ciphergate's own connections come back to it. Each is recognised at
+    // its first hop and closed, so the app gets 502 and the remote sees nothing.
+    pod.stop(proxy);
+    pod.start_proxy(&config, "65533");
+    let warned = pod
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("capture.proxy_uid is not the uid ciphergate runs as"));
+    assert!(warned, "no warning about the uid");
+    let seen_before = pod.remote_saw().len();
+    let (code, status) = status_of(&[
+        "--resolve",
+        &format!("remote.test:80:{REMOTE_V4}"),
+        "http://remote.test/looped",
+    ]);
+    assert_eq!((code, status.as_str()), (0, "502"));
+    let m = pod.metrics(admin);
+    assert_eq!(
+        decisions_of(&m, "default", "reject"),
+        1.0,
+        "the looped connection was not refused at its first hop"
+    );
+    assert_eq!(
+        m.get("ciphergate_overload_rejections_total", &[egress]),
+        0.0
+    );
 
     // 9. After `capture remove`, traffic flows directly again: plaintext to port 80.
     let (code, out) = pod.run_in(&app_ns, &[bin(), "capture", "remove", "-c", &config_path]);
@@ -523,11 +654,58 @@ action = "allow"
         "http://remote.test/nine",
     ]);
     assert_eq!((code, body.as_str()), (0, "remote plaintext /nine"));
-    let seen = pod.wait_remote(5);
+    let seen = pod.wait_remote(seen_before + 1);
     assert_eq!(
-        (&seen[4]["port"], &seen[4]["tls"]),
-        (&80.into(), &false.into())
+        seen.len(),
+        seen_before + 1,
+        "the looped request reached the remote"
     );
+    let last = &seen[seen_before];
+    assert_eq!((&last["port"], &last["tls"]), (&80.into(), &false.into()));
     let (_, tables) = pod.run_in(&app_ns, &["nft", "list", "tables"]);
     assert!(!tables.contains("ciphergate"), "{tables}");
+}
+
+fn decisions_of(m: &Metrics, rule: &str, action: &str) -> f64 {
+    m.get(
+        "ciphergate_decisions_total",
+        &[
+            ("listener", "egress-all"),
+            ("rule", rule),
+            ("action", action),
+        ],
+    )
+}
+
+/// Hex for client.py's `--hex`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A ClientHello in one record: `legacy` as its version, `supported` in supported_versions
+/// when given, SNI remote.test.
+fn client_hello(legacy: u16, supported: Option<u16>) -> Vec<u8> {
+    let name = b"remote.test";
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
+    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    if let Some(v) = supported {
+        ext.extend_from_slice(&[0, 43, 0, 3, 2]);
+        ext.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut body = legacy.to_be_bytes().to_vec();
+    body.extend_from_slice(&[7; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 4, 0x13, 0x01, 0xc0, 0x2b, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
+    record.push(1);
+    record.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&body);
+    record
 }

@@ -732,6 +732,8 @@ fn check_catches_capture_and_transparent_mistakes_with_key_paths() {
 outbound_listener = "ingress"
 inbound = [{{ port = 8080, listener = "egress-all" }}, {{ port = 9090, listener = "local-ingress" }}, {{ port = 8080, listener = "nope" }}]
 exclude_ports = [0]
+exclude_cidrs = ["0.0.0.0/0"]
+proxy_uid = 0
 colour = "blue"
 
 [[listener]]
@@ -759,6 +761,14 @@ source = ["127.0.0.1/32"]
 action = "allow"
 
 [[rule]]
+name = "any-http-host"
+listeners = ["egress-all"]
+transport = "plaintext"
+destination_port = [80]
+path_prefix = ["/healthz"]
+action = "allow"
+
+[[rule]]
 name = "port-on-ingress"
 listeners = ["ingress"]
 destination_port = [5432]
@@ -774,7 +784,10 @@ action = "reject"
         "listener[2].protocol: a transparent listener tells HTTP from other traffic",
         "listener[2].bind: a transparent listener takes the connections [capture] redirects to it",
         "rule[0].action: a plaintext `allow` on transparent listener `egress-all` must be narrowed",
-        "rule[1].destination_port: matches only on originate and transparent listeners",
+        "rule[1].action: a plaintext `allow` on transparent listener `egress-all` must name where the plaintext may go",
+        "rule[2].destination_port: matches only on originate and transparent listeners",
+        "capture.exclude_cidrs: excludes every address",
+        "capture.proxy_uid: 0 would exempt every process running as root",
         "capture.outbound_listener: listener `ingress` is terminate; this must name a transparent listener",
         "capture.inbound[0].listener: listener `egress-all` is transparent; this must name a terminate listener",
         "capture.inbound[1].listener: listener `local-ingress` does not bind the unspecified address",

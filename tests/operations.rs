@@ -493,9 +493,12 @@ async fn a_reload_that_changes_capture_is_refused() {
         .rev()
         .find(|l| l.contains("reload refused"))
         .unwrap();
-    assert!(refusal.contains("[capture] changed"), "{refusal}");
+    assert!(
+        refusal.contains("capture's exclusions changed"),
+        "{refusal}"
+    );
 
-    let rule = "\n[[rule]]\nname = \"redis\"\ndestination_port = [6379]\ntransport = \"plaintext\"\naction = \"allow\"\n";
+    let rule = "\n[[rule]]\nname = \"redis\"\ndestination = [\"203.0.113.0/24\"]\ndestination_port = [6379]\ntransport = \"plaintext\"\naction = \"allow\"\n";
     std::fs::write(&path, config("22", rule)).unwrap();
     assert!(reload(&proxy), "a reload that kept [capture] was refused");
     let m = proxy.metrics().await;

@@ -70,6 +70,13 @@ class Topology:
             run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             run("ip", "-n", ns, "link", "set", dev, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
+            # A connection per request at ~1,000/s for 10 s, twice over when captured (the
+            # app's leg and ciphergate's share the pod's address and the remote's port): the
+            # default ephemeral range fills with TIME_WAIT within a scenario or two, and
+            # connect() then spends its time searching for a free port. Reuse them, as a busy
+            # client host would be tuned to.
+            run(*in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"))
+            run(*in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"))
         return self
 
     def spawn(self, argv, **kw):
@@ -146,6 +153,17 @@ max_connections = 100000
 """
 
 
+def machine_busy_s():
+    """CPU time spent by the whole machine (every process and the kernel's own work, softirqs
+    included), in seconds. With veth pairs a sender's packets are received in its own
+    context, so a process's CPU includes work done for its peer; only the total compares
+    fairly between captured and direct."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / TICK
+
+
 def cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -210,6 +228,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="comma-separated scenario names")
     args = ap.parse_args()
     seconds = 2 if args.smoke else args.seconds
     binary = os.environ.get("CIPHERGATE_BIN", "target/release/ciphergate")
@@ -256,23 +275,37 @@ def main():
                 run(*in_ns(APP_NS, binary, "capture", "install" if on else "remove", "-c", config))
                 installed = on
 
+        only = {n for n in args.only.split(",") if n}
         for name, per_request, variants in SCENARIOS:
+            if only and name not in only:
+                continue
             for variant, captured, url in variants:
                 capture(captured)
-                before = cpu_s(proxy.pid)
+                before, machine_before = cpu_s(proxy.pid), machine_busy_s()
                 r = wrk(url, seconds, args.connections, per_request)
                 used = cpu_s(proxy.pid) - before
+                machine = machine_busy_s() - machine_before
                 r.update({
                     "scenario": name,
                     "variant": variant,
                     "captured": captured,
                     "proxy_cpu_us_per_request": (used / r["requests"] * 1e6) if r["requests"] else None,
+                    "machine_cpu_us_per_request": (machine / r["requests"] * 1e6) if r["requests"] else None,
                 })
                 log(f"{name:17} {variant:38} {r['rps']:9.0f} req/s  p50 {r['p50_ms']} ms  "
                     f"p99 {r['p99_ms']} ms  errors {r['errors']} {r['socket_errors']}  "
-                    f"ciphergate {r['proxy_cpu_us_per_request'] or 0:.1f} us/req")
+                    f"ciphergate {r['proxy_cpu_us_per_request'] or 0:.1f} us/req  "
+                    f"machine {r['machine_cpu_us_per_request'] or 0:.1f} us/req")
                 results.append(r)
         capture(False)
+        # ciphergate's own account of the run: every decision and error, by label.
+        counters = run(*in_ns(APP_NS, "curl", "-s", f"http://{ADMIN}/metrics")).stdout
+        counters = [l for l in counters.splitlines()
+                    if l.startswith("ciphergate_") and not l.endswith(" 0") and "_bucket" not in l
+                    and ("decisions" in l or "errors" in l or "connections_total" in l
+                         or "handshakes" in l)]
+        for line in counters:
+            log(line)
 
     failures = [r for r in results if r["errors"] or not r["requests"]]
     if not args.smoke:
@@ -280,8 +313,8 @@ def main():
         out = args.out or os.path.join("bench", "results", f"{stamp}-capture")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump({"seconds": seconds, "connections": args.connections, "results": results}, f,
-                      indent=1)
+            json.dump({"seconds": seconds, "connections": args.connections, "results": results,
+                       "ciphergate_counters": counters}, f, indent=1)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(report(results, seconds, args.connections))
         log(f"wrote {out}")
@@ -298,16 +331,19 @@ def report(results, seconds, connections):
         "",
         f"wrk, 1 thread, {connections} connections, {seconds} s per variant, between two network",
         "namespaces on one 2-core machine (wrk, nginx and ciphergate share the cores).",
-        "ciphergate CPU is its process's user+system time over the variant, per request.",
+        "Machine CPU is the whole machine's busy time (wrk, nginx, ciphergate and the kernel's",
+        "packet work) over the variant, per request; ciphergate's is its process's user+system",
+        "time, which with veth pairs includes receiving work done for its peers.",
         "",
-        "| scenario | variant | req/s | p50 ms | p99 ms | ciphergate µs/req | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | variant | req/s | p50 ms | p99 ms | machine µs/req | ciphergate µs/req | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         cpu = f"{r['proxy_cpu_us_per_request']:.1f}" if r["captured"] else "—"
-        lines.append(f"| {r['scenario']} | {r['variant']} | {r['rps']:.0f} | {r['p50_ms']} | "
-                     f"{r['p99_ms']} | {cpu} | {r['errors']} |")
-    lines += ["", "Added latency (p50, captured minus the direct https variant):", ""]
+        lines.append(f"| {r['scenario']} | {r['variant']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r['machine_cpu_us_per_request']:.1f} | {cpu} | {r['errors']} |")
+    lines += ["", "Added by capture, against the app speaking https itself (p50 latency; machine CPU",
+              "per request, which per-request scenarios make per connection):", ""]
     by = {}
     for r in results:
         by.setdefault(r["scenario"], {})[r["variant"]] = r
@@ -315,7 +351,9 @@ def report(results, seconds, connections):
         captured = next(v for v in variants.values() if v["captured"])
         direct = next(v for k, v in variants.items() if not v["captured"] and "https" in k)
         if captured["p50_ms"] is not None and direct["p50_ms"] is not None:
-            lines.append(f"- {scenario}: {captured['p50_ms'] - direct['p50_ms']:+.3f} ms")
+            lines.append(
+                f"- {scenario}: {captured['p50_ms'] - direct['p50_ms']:+.3f} ms, "
+                f"{captured['machine_cpu_us_per_request'] - direct['machine_cpu_us_per_request']:+.1f} µs CPU")
     return "\n".join(lines) + "\n"
 
 

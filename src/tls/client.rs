@@ -8,6 +8,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{ListenerConfig, Protocol, Roots, UpstreamTlsConfig};
+use crate::policy::Mode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientTlsError {
@@ -95,6 +96,10 @@ pub fn client_config(
     let configured = tls.map(|t| t.alpn.as_slice()).unwrap_or_default();
     let alpn = if !configured.is_empty() {
         configured.iter().map(|p| p.as_bytes().to_vec()).collect()
+    } else if listener.mode == Mode::Transparent {
+        // The app's HTTP/1.x, one upstream connection per app connection: HTTP/2 would win
+        // nothing, and would drop the Upgrade a WebSocket needs.
+        vec![b"http/1.1".to_vec()]
     } else if listener.protocol == Protocol::Http {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -98,36 +98,36 @@ fn first_message_len(message: &[u8]) -> Option<Result<usize, ()>> {
 }
 
 /// Reads big-endian fields off the front of a byte slice.
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, tail) = self.0.split_at_checked(n)?;
         self.0 = tail;
         Some(head)
     }
 
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
-    fn u16(&mut self) -> Option<u16> {
+    pub(crate) fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
 
     /// A vector with a one-byte length.
-    fn vec8(&mut self) -> Option<Reader<'a>> {
+    pub(crate) fn vec8(&mut self) -> Option<Reader<'a>> {
         let n = self.u8()?;
         self.take(n.into()).map(Reader)
     }
 
     /// A vector with a two-byte length.
-    fn vec16(&mut self) -> Option<Reader<'a>> {
+    pub(crate) fn vec16(&mut self) -> Option<Reader<'a>> {
         let n = self.u16()?;
         self.take(n.into()).map(Reader)
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }

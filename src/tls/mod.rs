@@ -6,6 +6,7 @@
 //!   client certificates). There is no code path that skips certificate verification.
 //! - [`hello`] reads a ClientHello that is relayed, not terminated (transparent listeners).
 //! - [`pem`] loads certificates and keys from PEM files.
+//! - [`records`] watches the framing of TLS that is relayed (transparent listeners).
 //! - [`stream`] runs a terminate listener's handshake and carries its traffic.
 //! - [`hkdf`] gives TLS 1.3's key schedule HMAC keys that are prepared once per secret.
 //!
@@ -22,6 +23,7 @@ pub mod client;
 pub mod hello;
 mod hkdf;
 pub mod pem;
+pub mod records;
 pub mod server;
 pub mod stream;
 
