@@ -60,7 +60,14 @@ struct ListenerHandle {
     task: JoinHandle<()>,
     /// A transparent listener's socket on the other loopback family, with its accept loop:
     /// a redirect lands on the loopback address of the connection's own family.
-    twin: Option<(Arc<ListeningSocket>, JoinHandle<()>)>,
+    twin: Option<Twin>,
+}
+
+/// The other loopback family's socket of a transparent listener.
+struct Twin {
+    /// Stops this accept loop alone (a reload to another mode), or with the listener.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 /// A running proxy.
@@ -181,40 +188,51 @@ impl Proxy {
         let mode = state.mode;
         let bind = state.bind;
         let state = Arc::new(ArcSwap::from_pointee(state));
-        let accept = |socket: &Arc<ListeningSocket>| {
-            tokio::spawn(listener::accept_loop(
-                socket.clone(),
-                state.clone(),
-                stop.clone(),
-                self.connections.clone(),
-                self.workers.clone(),
-            ))
-        };
-        let task = accept(&socket);
+        let task = tokio::spawn(listener::accept_loop(
+            socket.clone(),
+            state.clone(),
+            stop.clone(),
+            self.connections.clone(),
+            self.workers.clone(),
+        ));
         info!(listener = %name, bind = %socket.local_addr(), "listening");
-        let twin = (mode == Mode::Transparent)
-            .then(|| twin_loopback(socket.local_addr()))
-            .and_then(|addr| match ListeningSocket::bind(addr) {
-                Ok(twin) => {
-                    let twin = Arc::new(twin);
-                    info!(listener = %name, bind = %twin.local_addr(), "listening");
-                    Some((twin.clone(), accept(&twin)))
-                }
-                Err(e) => {
-                    // An IPv4-only pod has no ::1; its connections are all IPv4 anyway.
-                    warn!(listener = %name, bind = %addr, error = %e, "not listening on the other loopback family");
-                    None
-                }
-            });
-        self.listeners.push(ListenerHandle {
+        let mut handle = ListenerHandle {
             name,
             bind,
             state,
             socket,
             stop,
             task,
-            twin,
-        });
+            twin: None,
+        };
+        if mode == Mode::Transparent {
+            handle.twin = self.spawn_twin(&handle);
+        }
+        self.listeners.push(handle);
+    }
+
+    /// Listens for a transparent listener on the other loopback family's address, same port.
+    fn spawn_twin(&self, handle: &ListenerHandle) -> Option<Twin> {
+        let addr = twin_loopback(handle.socket.local_addr());
+        match ListeningSocket::bind(addr) {
+            Ok(socket) => {
+                info!(listener = %handle.name, bind = %socket.local_addr(), "listening");
+                let stop = handle.stop.child_token();
+                let task = tokio::spawn(listener::accept_loop(
+                    Arc::new(socket),
+                    handle.state.clone(),
+                    stop.clone(),
+                    self.connections.clone(),
+                    self.workers.clone(),
+                ));
+                Some(Twin { stop, task })
+            }
+            Err(e) => {
+                // An IPv4-only pod has no ::1; its connections are all IPv4 anyway.
+                warn!(listener = %handle.name, bind = %addr, error = %e, "not listening on the other loopback family");
+                None
+            }
+        }
     }
 
     /// Applies a new config to new connections. Every new socket is bound and every listener
@@ -247,11 +265,26 @@ impl Proxy {
             match socket {
                 Some(socket) => self.spawn_listener(socket, state),
                 None => {
-                    if let Some(h) = self.listeners.iter().find(|h| h.name == state.name) {
-                        defer_accept(&h.socket, &mut state);
-                        // The limit carries over; its new maximum applies from now.
-                        state.limit.set_max(state.settings.max_connections);
-                        h.state.store(Arc::new(state));
+                    let Some(i) = self.listeners.iter().position(|h| h.name == state.name) else {
+                        continue;
+                    };
+                    let transparent = state.mode == Mode::Transparent;
+                    let h = &self.listeners[i];
+                    defer_accept(&h.socket, &mut state);
+                    // The limit carries over; its new maximum applies from now.
+                    state.limit.set_max(state.settings.max_connections);
+                    h.state.store(Arc::new(state));
+                    // Only a transparent listener takes the other loopback family too.
+                    match (transparent, h.twin.is_some()) {
+                        (false, true) => {
+                            if let Some(twin) = self.listeners[i].twin.take() {
+                                twin.stop.cancel();
+                            }
+                        }
+                        (true, false) => {
+                            self.listeners[i].twin = self.spawn_twin(&self.listeners[i])
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -280,8 +313,8 @@ impl Proxy {
         self.shutdown.cancel();
         for h in self.listeners {
             let _ = h.task.await;
-            if let Some((_, task)) = h.twin {
-                let _ = task.await;
+            if let Some(twin) = h.twin {
+                let _ = twin.task.await;
             }
         }
         // Logged once the listening sockets are closed: from here no new connection is taken.

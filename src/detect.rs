@@ -1,9 +1,14 @@
-//! Telling TLS from plaintext by the first bytes, without consuming them.
+//! Telling TLS from plaintext by the first bytes.
 //!
 //! A TLS connection starts with a handshake record: content type 22 (0x16). No plaintext
 //! protocol ciphergate carries starts with that byte (HTTP starts with a method's letters), so
-//! one peeked byte decides where the connection goes. Bytes that look like TLS but are not end
-//! in a failed handshake; nothing else is ever forwarded for them.
+//! on terminate listeners one peeked byte decides where the connection goes, and nothing is
+//! consumed. Bytes that look like TLS but are not end in a failed handshake; nothing else is
+//! ever forwarded for them.
+//!
+//! A transparent listener also needs to tell HTTP/1.x from other plaintext ([`sniff`]): it
+//! reads (the bytes are given back to what serves the connection) until a method and a space,
+//! or anything else, has arrived.
 
 use std::io;
 

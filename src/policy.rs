@@ -325,7 +325,7 @@ pub enum Outbound {
 }
 
 /// First matching rule wins; otherwise TLS is allowed, plaintext is rejected on `terminate`
-/// listeners and upgraded (re-originated with TLS) on `originate` listeners.
+/// listeners and upgraded (sent on with TLS) on `originate` and `transparent` listeners.
 pub fn decide(policy: &ListenerPolicy, facts: &Facts<'_>) -> Decision {
     let (rule, action) = match policy.rules.iter().position(|r| r.matches(facts)) {
         Some(index) => (Some(index), policy.rules[index].action),

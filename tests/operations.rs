@@ -514,3 +514,48 @@ async fn a_reload_that_changes_capture_is_refused() {
         1.0
     );
 }
+
+/// A transparent listener also listens on the other loopback family (where an IPv6 redirect
+/// lands); a reload to another mode on the same address stops that, and back starts it again.
+#[tokio::test]
+async fn a_transparent_listener_takes_both_loopback_families_only_while_it_is_transparent() {
+    let ws = Workspace::new();
+    let config = |mode: &str| {
+        format!(
+            "{}[[listener]]\nname = \"egress\"\nbind = \"127.0.0.1:0\"\n{mode}",
+            preamble("info")
+        )
+    };
+    let transparent = config("mode = \"transparent\"\n");
+    let path = ws.config(&transparent);
+    let proxy = ProxyProcess::start(&path);
+    let port = proxy.port("egress");
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    // Waits until connecting to the IPv6 twin succeeds (true) or is refused (false).
+    let twin_is = |listening: bool| async move {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let now = TcpStream::connect(v6).await.is_ok();
+            if now == listening || std::time::Instant::now() > deadline {
+                return now;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    assert!(twin_is(true).await, "no IPv6 twin");
+
+    std::fs::write(
+        &path,
+        config("mode = \"originate\"\nupstream = \"127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    assert!(reload(&proxy));
+    assert!(
+        !twin_is(false).await,
+        "an originate listener kept the IPv6 twin"
+    );
+
+    std::fs::write(&path, &transparent).unwrap();
+    assert!(reload(&proxy));
+    assert!(twin_is(true).await, "the IPv6 twin did not come back");
+}
